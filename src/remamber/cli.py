@@ -1,17 +1,282 @@
-"""The `remamber` command: one subcommand per pipeline step; Snakemake rules call these."""
+"""The `remamber` command: one subcommand per pipeline step; the Snakemake rules call these.
+
+This module only wires: it parses options and calls one function of a layer (imported lazily, so that
+`remamber --help` stays fast and a data step never imports the model code).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from remamber import __version__
 
 
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _key_value_paths(pairs: list[str], what: str) -> dict[str, Path]:
+    """Parse `label=path` arguments (figure inputs) keeping their order."""
+    out: dict[str, Path] = {}
+    for pair in pairs:
+        label, sep, path = pair.partition("=")
+        if not sep or not label or not path:
+            raise CLIError(f"{what}: expected LABEL=PATH, got {pair!r}")
+        out[label] = Path(path)
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from remamber.data.manifest import write_manifest
+    from remamber.data.synth import write_synthetic
+
+    write_synthetic(args.out, seed=args.seed, size=args.size)
+    write_manifest(args.out)
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    from remamber.data.fetch import fetch
+
+    fetch(args.names, args.dest, datasets_yaml=args.datasets_yaml)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from remamber.data.fetch import extract
+
+    extract(args.archive, args.dest, marker=args.marker)
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from remamber.data.preprocess import preprocess
+
+    preprocess(
+        args.data_root,
+        args.dataset,
+        args.out,
+        split_by=args.split_by,
+        mask_mode=args.mask_mode,
+        datasets_yaml=args.datasets_yaml,
+    )
+
+
+# --- engine -------------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from remamber.config import ExperimentConfig
+    from remamber.engine.train import train
+
+    cfg = ExperimentConfig.from_yaml(args.config)
+    train(
+        cfg,
+        args.dataset,
+        args.variant,
+        args.resolution,
+        args.out,
+        resume=args.resume,
+        experiment=args.experiment,
+        tables=args.tables.split(",") if args.tables else None,
+        device=args.device,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from remamber.engine.evaluate import evaluate
+
+    metrics = evaluate(
+        args.checkpoint,
+        args.split,
+        args.out,
+        index_dir=args.index_dir,
+        data_root=args.data_root,
+        protocol=args.protocol,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        tracking=not args.no_tracking,
+    )
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from remamber.engine.predict import predict
+
+    predict(args.checkpoint, args.image, args.text, args.out, mask_out=args.mask_out)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from remamber.engine.inspect import dump_inspection
+
+    dump_inspection(
+        args.checkpoint,
+        args.split,
+        args.out,
+        index_dir=args.index_dir,
+        data_root=args.data_root,
+        n_samples=args.n_samples,
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from remamber.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_yaml(args.config)
+    jobs = cfg.jobs()
+    for job in jobs:
+        print(f"train {job.dataset:9s} {job.variant:16s} {job.resolution:4d}  tables={','.join(job.tables)}")
+    print(f"{len(jobs)} trainings, {len(cfg.evaluations())} evaluations")
+
+
+# --- reports ------------------------------------------------------------------------------------------
+
+
+def _load_records(paths: list[Path]) -> list[dict]:
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CLIError(f"{path}: not a readable metrics JSON ({exc})") from exc
+    return records
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from remamber.config import ExperimentConfig
+    from remamber.reports.tables import write_table
+
+    cfg = ExperimentConfig.from_yaml(args.config)
+    tables = cfg.table_specs()
+    names = [args.table] if args.table else list(tables)
+    for name in names:
+        if name not in tables:
+            raise CLIError(f"{args.config}: no table {name!r}; known: {', '.join(tables)}")
+        records = _load_records(sorted(Path(args.metrics_root).rglob("*.json")))
+        write_table(name, tables[name], records, args.out)
+
+
+def cmd_summarize(args: argparse.Namespace) -> None:
+    from remamber.reports.tables import write_metrics_summary
+
+    write_metrics_summary(_load_records(args.metrics), args.out)
+
+
+def cmd_figure(args: argparse.Namespace) -> None:
+    from remamber.reports import figures
+
+    if args.kind == "interaction":
+        figures.fig_interaction_vs_attention(args.twister, args.attention, args.out)
+    elif args.kind == "pca":
+        figures.fig_cube_pca(args.twister, args.out)
+    elif args.kind == "overlays":
+        figures.fig_overlays(_key_value_paths(args.inputs, "figure overlays"), args.out)
+    elif args.kind == "curves":
+        figures.fig_training_curves(_key_value_paths(args.inputs, "figure curves"), args.out)
+
+
+# --- parser -------------------------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remamber", description=__doc__)
+    parser = argparse.ArgumentParser(prog="remamber", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"remamber {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the synthetic referring datasets in the refer format")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="demo")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("fetch", help="download and verify archives listed in params/datasets.yaml")
+    p.add_argument("names", nargs="+", help="archive names, e.g. refcoco.zip train2014.zip")
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--datasets-yaml", type=Path, default=Path("params/datasets.yaml"))
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("extract", help="extract a verified archive (refusing entries outside --dest)")
+    p.add_argument("archive", type=Path)
+    p.add_argument("--dest", type=Path, required=True)
+    p.add_argument("--marker", type=Path, default=None, help="written last, once extraction succeeded")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("preprocess", help="refer files -> one parquet index per split")
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split-by", default=None)
+    p.add_argument("--mask-mode", default="union", choices=["union", "refer_eq1"])
+    p.add_argument("--datasets-yaml", type=Path, default=Path("params/datasets.yaml"))
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="train one model of the experiment matrix")
+    p.add_argument("--config", type=Path, required=True, help="params file, e.g. params/demo.yaml")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--variant", required=True)
+    p.add_argument("--resolution", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: first table using it)")
+    p.add_argument("--tables", default=None, help="comma-separated tables this model serves")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt when it exists")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on every sentence of a split")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--protocol", choices=["original", "input"], default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--no-tracking", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment the object an expression refers to in one image")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--out", type=Path, required=True, help="overlay PNG")
+    p.add_argument("--mask-out", type=Path, default=None, help="binary mask PNG")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("inspect", help="dump interaction/attention maps and cube features for the figures")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--data-root", type=Path, default=None)
+    p.add_argument("--n-samples", type=int, default=4)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="print the training jobs and evaluations of a params file")
+    p.add_argument("--config", type=Path, required=True)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="render Tables 1-4 (.tex and .csv) from evaluation outputs")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--table", default=None, help="one table (default: all)")
+    p.add_argument("--metrics-root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("summarize", help="collect metrics JSON files into one reports/metrics.json")
+    p.add_argument("metrics", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("figure", help="render one of the paper's figures from inspection/history files")
+    p.add_argument("kind", choices=["interaction", "pca", "overlays", "curves"])
+    p.add_argument("inputs", nargs="*", help="LABEL=PATH pairs (overlays, curves)")
+    p.add_argument("--twister", type=Path, default=None)
+    p.add_argument("--attention", type=Path, default=None)
+    p.add_argument("--out", type=Path, required=True, help="output path without extension (.png and .pdf)")
+    p.set_defaults(func=cmd_figure)
     return parser
 
 
@@ -21,7 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        args.func(args)
+    except CLIError as exc:
+        print(f"remamber {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

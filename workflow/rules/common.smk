@@ -1,0 +1,90 @@
+# Helpers only: paths, the experiment matrix (from remamber.config, never restated here) and launchers.
+import os
+
+from remamber.config import ExperimentConfig
+
+# The CLI re-reads the same params file, so every job sees exactly what Snakemake validated.
+CONFIGFILE = os.path.relpath(workflow.configfiles[-1])
+EXP = ExperimentConfig.from_yaml(CONFIGFILE)
+NAME = config["name"]
+RESULTS = config["results"]
+RAW = config["data"]["raw"]
+PROCESSED = config["data"]["processed"]
+DATASETS = list(config["data"]["datasets"])
+REPORTS = "reports"
+LOGS = f"logs/{NAME}"
+JOBS = {(j.dataset, j.variant, int(j.resolution)): j for j in EXP.jobs()}
+TABLES = list(config["experiments"]["tables"])
+
+wildcard_constraints:
+    dataset="refcoco|refcoco\\+|refcocog",
+    variant="[a-z_]+",
+    res="[0-9]+",
+    split="[A-Za-z]+",
+    table="table[1-4]",
+
+
+def splits(dataset):
+    return config["data"]["datasets"][dataset]["splits"]
+
+
+def model_dir(dataset, variant, res):
+    return f"{RESULTS}/models/{dataset}/{variant}/{res}"
+
+
+def metrics_file(dataset, variant, res, split):
+    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/{split}.json"
+
+
+def index_meta(dataset):
+    return f"{PROCESSED}/{dataset}/meta.json"
+
+
+def table_spec(table):
+    spec = config["experiments"]["tables"][table]
+    return spec, config["experiments"]["resolutions"][spec["resolution"]]
+
+
+def table_metrics(wildcards):
+    spec, res = table_spec(wildcards.table)
+    return [
+        metrics_file(ds, v, res, s) for ds in spec["datasets"] for v in spec["variants"] for s in splits(ds)
+    ]
+
+
+def all_metrics():
+    return [metrics_file(d, v, r, s) for (d, v, r) in JOBS for s in splits(d)]
+
+
+def job_of(wildcards):
+    key = (wildcards.dataset, wildcards.variant, int(wildcards.res))
+    if key not in JOBS:
+        raise ValueError(f"{CONFIGFILE}: no table trains {key}; known jobs: {sorted(JOBS)}")
+    return JOBS[key]
+
+
+# Figures come from the low-resolution models of Table 1 on its first dataset (RefCOCO in the paper).
+FIG_SPEC, FIG_RES = table_spec("table1")
+FIG_DATASET = FIG_SPEC["datasets"][0]
+FIG_SPLIT = splits(FIG_DATASET)[0]
+
+
+def inspect_file(variant):
+    return f"{RESULTS}/inspect/{FIG_DATASET}/{variant}/{FIG_RES}/{FIG_SPLIT}.npz"
+
+
+FIGURES = ["fig4_interaction_vs_attention", "fig5_cube_pca", "fig7_overlays", "training_curves"]
+
+
+def all_reports():
+    tables = [f"{REPORTS}/{t}.{ext}" for t in TABLES for ext in ("tex", "csv")]
+    figures = [f"{REPORTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
+    return tables + figures + [f"{REPORTS}/metrics.json"]
+
+
+def launcher(resources):
+    """`remamber` for one device; torchrun DDP when a rule is given several GPUs."""
+    gpus = int(getattr(resources, "gpu", 0) or 0)
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m remamber.cli"
+    return "remamber"

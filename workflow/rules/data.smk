@@ -1,0 +1,70 @@
+# Data: synthesise (demo) or fetch + verify + extract (real), then one parquet index per dataset.
+
+if config["data"]["source"] == "synthetic":
+
+    rule synth:
+        output:
+            f"{RAW}/MANIFEST.json",
+        params:
+            seed=config["data"].get("synth_seed", 0),
+            size=config["data"].get("synth_size") or "demo",
+        conda:
+        "../envs/remamber.yaml"
+    log:
+            f"{LOGS}/synth.log",
+        shell:
+            "remamber synth --out {RAW} --seed {params.seed} --size {params.size} > {log} 2>&1"
+
+    def raw_inputs(wildcards):
+        return [f"{RAW}/MANIFEST.json"]
+
+else:
+
+    rule fetch:
+        output:
+            f"{RAW}/archives/{{archive}}.zip",
+        conda:
+        "../envs/remamber.yaml"
+    log:
+            f"{LOGS}/fetch/{{archive}}.log",
+        retries: 2
+        shell:
+            "remamber fetch {wildcards.archive}.zip --dest {RAW}/archives > {log} 2>&1"
+
+    rule extract:
+        input:
+            f"{RAW}/archives/{{archive}}.zip",
+        output:
+            f"{RAW}/.extracted/{{archive}}.json",
+        conda:
+        "../envs/remamber.yaml"
+    log:
+            f"{LOGS}/extract/{{archive}}.log",
+        shell:
+            "remamber extract {input} --dest {RAW} --marker {output} > {log} 2>&1"
+
+    def raw_inputs(wildcards):
+        return [f"{RAW}/.extracted/{wildcards.dataset}.json", f"{RAW}/.extracted/train2014.json"]
+
+
+rule preprocess:
+    input:
+        raw_inputs,
+    output:
+        index_meta("{dataset}"),
+    params:
+        out=lambda wc: f"{PROCESSED}/{wc.dataset}",
+        split_by=lambda wc: config["data"]["datasets"][wc.dataset]["split_by"],
+        mask_mode=config["data"].get("mask_mode", "union"),
+    conda:
+        "../envs/remamber.yaml"
+    log:
+        f"{LOGS}/preprocess/{{dataset}}.log",
+    shell:
+        "remamber preprocess --data-root {RAW} --dataset {wildcards.dataset} --split-by {params.split_by}"
+        " --mask-mode {params.mask_mode} --out {params.out} > {log} 2>&1"
+
+
+rule data_all:
+    input:
+        [index_meta(d) for d in DATASETS],

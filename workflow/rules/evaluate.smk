@@ -1,0 +1,47 @@
+# One evaluation per trained model and split (every sentence of every object), and the figure data.
+
+
+rule evaluate:
+    input:
+        ckpt=f"{RESULTS}/models/{{dataset}}/{{variant}}/{{res}}/best.pt",
+        index=index_meta("{dataset}"),
+    output:
+        f"{RESULTS}/metrics/{{dataset}}/{{variant}}/{{res}}/{{split}}.json",
+    params:
+        index=lambda wc: f"{PROCESSED}/{wc.dataset}",
+    threads: 1
+    conda:
+        "../envs/remamber.yaml"
+    log:
+        f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
+    shell:
+        "remamber evaluate --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
+        " --data-root {RAW} --out {output} > {log} 2>&1"
+
+
+rule inspect:
+    input:
+        ckpt=f"{RESULTS}/models/{{dataset}}/{{variant}}/{{res}}/best.pt",
+        index=index_meta("{dataset}"),
+    output:
+        f"{RESULTS}/inspect/{{dataset}}/{{variant}}/{{res}}/{{split}}.npz",
+    params:
+        index=lambda wc: f"{PROCESSED}/{wc.dataset}",
+    threads: 1
+    conda:
+        "../envs/remamber.yaml"
+    log:
+        f"{LOGS}/inspect/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
+    shell:
+        "remamber inspect --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
+        " --data-root {RAW} --out {output} > {log} 2>&1"
+
+
+rule evaluate_all:
+    input:
+        all_metrics(),
+
+
+rule inspect_all:
+    input:
+        [inspect_file(v) for v in FIG_SPEC["variants"]],
