@@ -1,0 +1,18 @@
+"""MLflow tracking conventions for the pipeline (DESIGN.md section 8)."""
+
+from remamber.tracking.config import TrackingConfig
+from remamber.tracking.params import flatten_params
+from remamber.tracking.store import TrackingError, resolve_tracking_uri
+from remamber.tracking.tracker import NoOpRun, RunHandle, Tracker, TrackingWarning, git_commit
+
+__all__ = [
+    "NoOpRun",
+    "RunHandle",
+    "Tracker",
+    "TrackingConfig",
+    "TrackingError",
+    "TrackingWarning",
+    "flatten_params",
+    "git_commit",
+    "resolve_tracking_uri",
+]

@@ -1,0 +1,293 @@
+"""Tracker against a real SQLite MLflow store, checked back through MlflowClient."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from remamber.tracking import (
+    NoOpRun,
+    Tracker,
+    TrackingConfig,
+    TrackingError,
+    TrackingWarning,
+    flatten_params,
+    resolve_tracking_uri,
+)
+from remamber.tracking.store import with_retries
+
+CONFIG = {
+    "name": "demo",
+    "train": {"epochs": 3, "lr_new": 1.0e-3, "betas": [0.9, 0.999], "ema_decay": None, "amp": False},
+    "model": {"backbone": "vmamba_demo"},
+}
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised, empty store, created once: copying it saves the schema migration per test."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    Tracker(TrackingConfig(uri=f"sqlite:///{db}"))
+    return db
+
+
+@pytest.fixture()
+def store(tmp_path: Path, template_db: Path) -> str:
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def runs_of(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---- config and params ----
+
+
+def test_config_from_dict_is_strict() -> None:
+    assert TrackingConfig.from_dict({"enabled": False, "uri": None, "on_error": "warn"}) == TrackingConfig(
+        enabled=False, uri=None, on_error="warn"
+    )
+    assert TrackingConfig.from_dict(None) == TrackingConfig()
+    with pytest.raises(ValueError, match="on_eror"):
+        TrackingConfig.from_dict({"on_eror": "warn"})
+    with pytest.raises(ValueError, match="'ignore'"):
+        TrackingConfig.from_dict({"on_error": "ignore"})
+    with pytest.raises(ValueError, match="enabled"):
+        TrackingConfig.from_dict({"enabled": "yes"})
+
+
+def test_flatten_params() -> None:
+    flat = flatten_params({"b": {"x": 1, "y": {"z": [1, 2.5]}, "e": {}}, "a": None, "c": True, "s": "text"})
+    assert flat == {"a": "null", "b.e": "{}", "b.x": "1", "b.y.z": "[1, 2.5]", "c": "true", "s": "text"}
+    assert list(flat) == sorted(flat)
+    with pytest.raises(ValueError, match="'long'"):
+        flatten_params({"long": "x" * 6001})
+
+
+def test_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_tracking_uri("sqlite:///sub/x.db") == f"sqlite:///{tmp_path / 'sub' / 'x.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"  # config beats env
+    for bad in ("./mlruns", "file:///x/mlruns"):
+        with pytest.raises(TrackingError, match="sqlite:///"):
+            resolve_tracking_uri(bad)
+
+
+# ---- runs ----
+
+
+def test_training_run_logs_params_metrics_tags_artifacts(store: str, tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    history = tmp_path / "history.json"
+    history.write_text('[{"epoch": 0}]')
+    losses = [0.9, 0.5, 0.25]
+    with tracker.training_run("table1", "refcoco/twister/64", CONFIG, {"remamber.data_hash": "abc"}) as run:
+        for epoch, loss in enumerate(losses):
+            run.log_metrics({"loss": loss, "val_mIoU": 10.0 * epoch}, step=epoch)
+        run.set_tags({"remamber.best_epoch": 2})
+        run.log_artifact(history)
+
+    client = MlflowClient(store)
+    got = client.get_run(run.run_id)
+    assert got.data.params == flatten_params(CONFIG)
+    assert got.data.params["train.betas"] == "[0.9, 0.999]"
+    assert got.data.tags["remamber.run_key"] == "refcoco/twister/64"
+    assert got.data.tags["remamber.data_hash"] == "abc"
+    assert got.data.tags["remamber.best_epoch"] == "2"
+    assert got.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == list(enumerate(losses))
+    assert [m.value for m in client.get_metric_history(run.run_id, "val_mIoU")] == [0.0, 10.0, 20.0]
+    # artifacts live beside the db, not in ./mlruns of the cwd
+    [artifact] = client.list_artifacts(run.run_id)
+    assert artifact.path == "history.json"
+    copied = tmp_path / "mlartifacts" / "table1" / run.run_id / "artifacts" / "history.json"
+    assert copied.read_text() == history.read_text()
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        run.log_artifact(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="'loss'"):
+        run.log_metrics({"loss": "high"}, step=0)
+
+
+def test_failed_run_is_marked_failed(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracker.training_run("table1", "refcoco/attention/64", CONFIG) as run:
+            raise RuntimeError("boom")
+    assert MlflowClient(store).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_rerun_reuses_run_and_nested_eval_runs(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    first = tracker.training_run("table1", "refcoco/twister/64", CONFIG)
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.end()
+    evals = {}
+    for split in ("val", "testA"):
+        with tracker.eval_run("table1", "refcoco/twister/64", split, {"protocol": "original"}) as ev:
+            ev.log_metrics({"mIoU": 40.0, "oIoU": 42.0}, step=0)
+        evals[split] = ev.run_id
+
+    # a fresh process-like tracker on the same store: the same runs come back, nothing duplicated
+    again = Tracker(TrackingConfig(uri=store))
+    second = again.training_run("table1", "refcoco/twister/64", CONFIG)
+    assert second.run_id == first.run_id
+    client = MlflowClient(store)
+    assert client.get_run(first.run_id).info.status == "RUNNING"  # reopened for the resumed job
+    second.log_metrics({"loss": 0.5}, step=1)
+    second.end()
+    ev_again = again.eval_run("table1", "refcoco/twister/64", "val", {"protocol": "original"})
+    assert ev_again.run_id == evals["val"]
+    ev_again.end()
+
+    runs = runs_of(client, "table1")
+    assert len(runs) == 3
+    assert [m.value for m in client.get_metric_history(first.run_id, "loss")] == [1.0, 0.5]
+    for split, run_id in evals.items():
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.parentRunId"] == first.run_id
+        assert tags["remamber.split"] == split
+        assert client.get_run(run_id).data.params == {"protocol": "original"}
+        assert client.get_metric_history(run_id, "oIoU")[0].value == 42.0
+
+
+def test_changed_config_supersedes_old_run(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    old = tracker.training_run("table3", "refcoco/parallel/64", CONFIG)
+    old.end()
+    changed = {**CONFIG, "train": {**CONFIG["train"], "epochs": 5}}
+    with pytest.warns(TrackingWarning, match="train.epochs"):
+        new = tracker.training_run("table3", "refcoco/parallel/64", changed)
+    assert new.run_id != old.run_id
+    client = MlflowClient(store)
+    old_tags = client.get_run(old.run_id).data.tags
+    assert "remamber.run_key" not in old_tags
+    assert old_tags["remamber.superseded_run_key"] == "refcoco/parallel/64"
+    assert client.get_run(new.run_id).data.params["train.epochs"] == "5"
+
+
+def test_eval_without_tracked_training_creates_parent(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    ev = tracker.eval_run("table2", "refcocog/twister/96", "test")
+    ev.end()
+    client = MlflowClient(store)
+    parent_id = client.get_run(ev.run_id).data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["remamber.run_key"] == "refcocog/twister/96"
+    assert parent.info.status == "FINISHED"
+
+
+def test_bad_run_key_is_rejected(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    with pytest.raises(ValueError, match="run_key"):
+        tracker.training_run("table1", "it's bad", CONFIG)
+
+
+# ---- disabled and broken stores ----
+
+
+def test_disabled_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(TrackingConfig(enabled=False))
+    assert not tracker.active
+    with tracker.training_run("table1", "refcoco/twister/64", CONFIG) as run:
+        assert isinstance(run, NoOpRun)
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_artifact(tmp_path / "absent")  # no-op handles accept anything
+    tracker.eval_run("table1", "refcoco/twister/64", "val").end()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["http_closed_port", "sqlite_under_a_file", "not_a_database"])
+def test_unusable_store_fail_vs_warn(kind: str, tmp_path: Path) -> None:
+    if kind == "http_closed_port":
+        uri = f"http://127.0.0.1:{closed_port()}"
+    elif kind == "sqlite_under_a_file":
+        (tmp_path / "plainfile").write_text("x")
+        uri = f"sqlite:///{tmp_path / 'plainfile' / 'mlflow.db'}"
+    else:
+        (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+        uri = f"sqlite:///{tmp_path / 'junk.db'}"
+
+    with pytest.raises(TrackingError) as err:
+        Tracker(TrackingConfig(uri=uri, on_error="fail"))
+    assert uri in str(err.value)
+
+    with pytest.warns(TrackingWarning, match="continuing without tracking"):
+        tracker = Tracker(TrackingConfig(uri=uri, on_error="warn"))
+    assert not tracker.active
+    run = tracker.training_run("table1", "refcoco/twister/64", CONFIG)
+    assert isinstance(run, NoOpRun)
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.end()
+
+
+def test_store_lost_midway_warns_then_noops(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store, on_error="warn"))
+    run = tracker.training_run("table1", "refcoco/twister/64", CONFIG)
+
+    class Broken:
+        def __getattr__(self, name: str):
+            def fail(*args, **kwargs):
+                raise OSError("disk gone")
+
+            return fail
+
+    tracker.client = Broken()
+    with pytest.warns(TrackingWarning, match="disk gone"):
+        run.log_metrics({"loss": 1.0}, step=0)
+    assert not run.active
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.log_metrics({"loss": 2.0}, step=1)  # silent no-op from now on
+        run.end()
+
+
+# ---- retry policy ----
+
+
+def test_retries_on_lock_then_gives_up_with_uri() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert with_retries(flaky, "log", "sqlite:///x.db", base_delay_s=0.001) == "ok"
+    assert len(calls) == 3
+
+    def locked() -> None:
+        raise RuntimeError("database is locked")
+
+    with pytest.raises(TrackingError, match=r"sqlite:///x.db.*still locked after 4 attempts"):
+        with_retries(locked, "log", "sqlite:///x.db", attempts=4, base_delay_s=0.001)
+
+    calls.clear()
+
+    def broken() -> None:
+        calls.append(1)
+        raise ValueError("no such table")
+
+    with pytest.raises(TrackingError, match="no such table"):
+        with_retries(broken, "log", "sqlite:///x.db", base_delay_s=0.001)
+    assert len(calls) == 1  # only lock contention is retried
