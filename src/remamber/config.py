@@ -1,0 +1,495 @@
+"""Experiment configuration: strict, typed reading of params/*.yaml and the experiment matrix.
+
+This module imports neither torch nor the model code at import time, so Snakemake can read the matrix
+quickly. The `model:` section is checked against `remamber.models.ModelConfig` lazily, inside
+`ExperimentConfig.from_yaml(..., check_model=True)` (the default) or `validate_model()`.
+
+Paths in the file (`results`, `data.raw`, `data.processed`, `model.pretrained_backbone`) are kept exactly as
+written: relative paths are relative to the working directory of the command (the project root).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DatasetSpec",
+    "DataConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "TrackingSection",
+    "TableSpec",
+    "ExperimentsConfig",
+    "TrainingJob",
+    "ExperimentConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A bad experiment configuration; the message names the file and the key path."""
+
+
+# --------------------------------------------------------------------------- value checkers
+# Each checker takes (value, where) and returns the normalised value or raises ConfigError; `where` is the
+# "file: key.path" prefix used in every message.
+
+Checker = Callable[[Any, str], Any]
+
+
+def _fail(where: str, message: str) -> None:
+    raise ConfigError(f"{where}: {message}")
+
+
+def _as_int(minimum: int | None = None) -> Checker:
+    def check(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, f"expected an integer, got {value!r} ({type(value).__name__})")
+        if minimum is not None and value < minimum:
+            _fail(where, f"must be >= {minimum}, got {value}")
+        return int(value)
+
+    return check
+
+
+def _as_float(minimum: float | None = None, maximum: float | None = None, open_min: bool = False) -> Checker:
+    def check(value: Any, where: str) -> float:
+        # PyYAML reads `1e-4` (no dot) as a string: accept a numeric string, since that is a YAML quirk,
+        # not a user mistake.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                _fail(where, f"expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(where, f"expected a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+        if not math.isfinite(value):
+            _fail(where, f"must be finite, got {value}")
+        if minimum is not None and (value <= minimum if open_min else value < minimum):
+            _fail(where, f"must be {'>' if open_min else '>='} {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            _fail(where, f"must be <= {maximum}, got {value}")
+        return value
+
+    return check
+
+
+def _as_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(where, f"expected true or false, got {value!r}")
+    return value
+
+
+def _as_str(choices: tuple[str, ...] | None = None) -> Checker:
+    def check(value: Any, where: str) -> str:
+        if not isinstance(value, str) or not value:
+            _fail(where, f"expected a non-empty string, got {value!r}")
+        if choices is not None and value not in choices:
+            _fail(where, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _optional(inner: Checker) -> Checker:
+    def check(value: Any, where: str) -> Any:
+        return None if value is None else inner(value, where)
+
+    return check
+
+
+def _as_str_list(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        _fail(where, f"expected a non-empty list of names, got {value!r}")
+    names = tuple(_as_str()(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if len(set(names)) != len(names):
+        _fail(where, f"duplicate names in {list(names)}")
+    return names
+
+
+def _as_betas(value: Any, where: str) -> tuple[float, float]:
+    if not isinstance(value, list) or len(value) != 2:
+        _fail(where, f"expected a list of two numbers, got {value!r}")
+    return tuple(_as_float(0.0, 1.0)(v, f"{where}[{i}]") for i, v in enumerate(value))  # type: ignore[return-value]
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        _fail(where, f"expected a mapping, got {value!r}")
+    return value
+
+
+def _check_keys(raw: dict, spec: dict[str, Checker], where: str, required: bool = True) -> dict[str, Any]:
+    """Check every key of `raw` against `spec`: unknown keys and (if `required`) missing keys are errors."""
+    valid = ", ".join(spec)
+    for key in raw:
+        if key not in spec:
+            _fail(_join(where, str(key)), f"unknown key; valid: {valid}")
+    out = {}
+    for key, checker in spec.items():
+        path = _join(where, key)
+        if key not in raw:
+            if required:
+                _fail(path, f"missing key; required: {valid}")
+            continue
+        out[key] = checker(raw[key], path)
+    return out
+
+
+def _join(where: str, key: str) -> str:
+    """`file: a.b` + `c` -> `file: a.b.c`; `file: ` + `c` -> `file: c`."""
+    return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    split_by: str
+    splits: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    raw: str
+    processed: str
+    synth_size: str | None
+    synth_seed: int
+    mask_mode: str
+    datasets: dict[str, DatasetSpec]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    global_batch_size: int
+    per_device_batch_size: int
+    lr_new: float
+    lr_pretrained: float
+    min_lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    amp: bool
+    ema_decay: float | None
+    grad_clip: float | None
+    seed: int
+    num_workers: int
+    val_subset: int | None
+    deterministic: bool
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    protocol: str
+    batch_size: int
+    num_workers: int
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """The `tracking:` section; the engine hands `to_dict()` of it to `remamber.tracking.TrackingConfig`."""
+
+    enabled: bool
+    uri: str | None
+    on_error: str
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    resolution: str  # a key of experiments.resolutions
+    datasets: tuple[str, ...]
+    variants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExperimentsConfig:
+    resolutions: dict[str, int]
+    tables: dict[str, TableSpec]
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """One model to train: (dataset, variant, resolution in pixels), shared by the tables listed."""
+
+    dataset: str
+    variant: str
+    resolution: int
+    tables: tuple[str, ...]
+    experiment: str  # the first table using it: the MLflow experiment of its run
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.variant}/{self.resolution}"
+
+
+SPLIT_BY = ("unc", "umd", "google", "unc_plus")
+PROTOCOLS = ("original", "input")
+
+
+def _dataset_spec(value: Any, where: str) -> DatasetSpec:
+    raw = _mapping(value, where)
+    got = _check_keys(raw, {"split_by": _as_str(SPLIT_BY), "splits": _as_str_list}, where)
+    if "train" in got["splits"]:
+        _fail(_join(where, "splits"), "lists the evaluated splits; 'train' is not one")
+    return DatasetSpec(**got)
+
+
+def _datasets(value: Any, where: str) -> dict[str, DatasetSpec]:
+    raw = _mapping(value, where)
+    if not raw:
+        _fail(where, "no datasets")
+    return {_as_str()(name, where): _dataset_spec(spec, _join(where, name)) for name, spec in raw.items()}
+
+
+_DATA_SPEC: dict[str, Checker] = {
+    "source": _as_str(("download", "synthetic")),
+    "raw": _as_str(),
+    "processed": _as_str(),
+    "synth_size": _optional(_as_str()),
+    "synth_seed": _as_int(0),
+    "mask_mode": _as_str(("union", "refer_eq1")),
+    "datasets": _datasets,
+}
+
+_TRAIN_SPEC: dict[str, Checker] = {
+    "epochs": _as_int(1),
+    "global_batch_size": _as_int(1),
+    "per_device_batch_size": _as_int(1),
+    "lr_new": _as_float(0.0, open_min=True),
+    "lr_pretrained": _as_float(0.0, open_min=True),
+    "min_lr": _as_float(0.0),
+    "weight_decay": _as_float(0.0),
+    "betas": _as_betas,
+    "amp": _as_bool,
+    "ema_decay": _optional(_as_float(0.0, 1.0)),
+    "grad_clip": _optional(_as_float(0.0, open_min=True)),
+    "seed": _as_int(0),
+    "num_workers": _as_int(0),
+    "val_subset": _optional(_as_int(1)),
+    "deterministic": _as_bool,
+}
+
+_EVALUATE_SPEC: dict[str, Checker] = {
+    "protocol": _as_str(PROTOCOLS),
+    "batch_size": _as_int(1),
+    "num_workers": _as_int(0),
+}
+
+_TRACKING_SPEC: dict[str, Checker] = {
+    "enabled": _as_bool,
+    "uri": _optional(_as_str()),
+    "on_error": _as_str(("fail", "warn")),
+}
+
+
+def _resolutions(value: Any, where: str) -> dict[str, int]:
+    raw = _mapping(value, where)
+    if not raw:
+        _fail(where, "no resolutions")
+    return {_as_str()(k, where): _as_int(8)(v, _join(where, k)) for k, v in raw.items()}
+
+
+def _table(value: Any, where: str) -> TableSpec:
+    raw = _mapping(value, where)
+    got = _check_keys(raw, {"resolution": _as_str(), "datasets": _as_str_list, "variants": _as_str_list}, where)
+    return TableSpec(**got)
+
+
+def _tables(value: Any, where: str) -> dict[str, TableSpec]:
+    raw = _mapping(value, where)
+    if not raw:
+        _fail(where, "no tables")
+    return {_as_str()(k, where): _table(v, _join(where, k)) for k, v in raw.items()}
+
+
+_EXPERIMENTS_SPEC: dict[str, Checker] = {"resolutions": _resolutions, "tables": _tables}
+
+
+def _section(checker_spec: dict[str, Checker], cls: type) -> Checker:
+    def check(value: Any, where: str) -> Any:
+        return cls(**_check_keys(_mapping(value, where), checker_spec, where))
+
+    return check
+
+
+def _model_section(value: Any, where: str) -> dict[str, Any]:
+    # Shape only here; the field names and values are checked by ModelConfig (validate_model).
+    raw = _mapping(value, where)
+    for key in raw:
+        _as_str()(key, where)
+    return copy.deepcopy(raw)
+
+
+_TOP_SPEC: dict[str, Checker] = {
+    "name": _as_str(),
+    "results": _as_str(),
+    "data": _section(_DATA_SPEC, DataConfig),
+    "model": _model_section,
+    "train": _section(_TRAIN_SPEC, TrainConfig),
+    "evaluate": _section(_EVALUATE_SPEC, EvaluateConfig),
+    "tracking": _section(_TRACKING_SPEC, TrackingSection),
+    "experiments": _section(_EXPERIMENTS_SPEC, ExperimentsConfig),
+}
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses/tuples -> plain dicts/lists (JSON- and YAML-ready)."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    results: str
+    data: DataConfig
+    model: dict[str, Any]  # ModelConfig overrides applied to every variant
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingSection
+    experiments: ExperimentsConfig
+    source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
+
+    # ---- construction
+    @classmethod
+    def from_yaml(cls, path: str | Path, check_model: bool = True) -> "ExperimentConfig":
+        """Read and validate a params file; `check_model=False` skips the (torch-importing) model check."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from exc
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        return cls.from_dict(raw, source=str(path), check_model=check_model)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "<dict>", check_model: bool = True) -> "ExperimentConfig":
+        top = f"{source}: "
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+        got = _check_keys(raw, _TOP_SPEC, top)
+        cfg = cls(**got, source=source)
+        cfg._check_cross_references()
+        if check_model:
+            cfg.validate_model()
+        return cfg
+
+    def _check_cross_references(self) -> None:
+        where = f"{self.source}: experiments.tables"
+        t = self.train
+        if t.global_batch_size % t.per_device_batch_size:
+            _fail(f"{self.source}: train.global_batch_size",
+                  f"{t.global_batch_size} is not a multiple of train.per_device_batch_size "
+                  f"{t.per_device_batch_size}")
+        if t.min_lr > min(t.lr_new, t.lr_pretrained):
+            _fail(f"{self.source}: train.min_lr", f"{t.min_lr} exceeds a base learning rate")
+        for name, table in self.experiments.tables.items():
+            if table.resolution not in self.experiments.resolutions:
+                _fail(f"{where}.{name}.resolution",
+                      f"{table.resolution!r} is not in experiments.resolutions "
+                      f"({', '.join(self.experiments.resolutions)})")
+            for ds in table.datasets:
+                if ds not in self.data.datasets:
+                    _fail(f"{where}.{name}.datasets",
+                          f"{ds!r} is not in data.datasets ({', '.join(self.data.datasets)})")
+
+    def validate_model(self) -> None:
+        """Check the `model:` section and every variant name through remamber.models (imports torch)."""
+        from remamber.models import VARIANTS, variant_config
+
+        for name, table in self.experiments.tables.items():
+            for variant in table.variants:
+                if variant not in VARIANTS:
+                    _fail(f"{self.source}: experiments.tables.{name}.variants",
+                          f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        variant = next(iter(self.experiments.tables.values())).variants[0]
+        try:
+            variant_config(variant, **self.model)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{self.source}: model: {exc}") from exc
+
+    def model_config(self, variant: str):
+        """The ModelConfig of `variant` with this file's `model:` overrides."""
+        from remamber.models import variant_config
+
+        try:
+            return variant_config(variant, **self.model)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{self.source}: model (variant {variant!r}): {exc}") from exc
+
+    # ---- the experiment matrix
+    @property
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Per table: {"resolution": int (pixels), "datasets": [...], "variants": [...]}."""
+        res = self.experiments.resolutions
+        return {
+            name: {"resolution": res[t.resolution], "datasets": list(t.datasets), "variants": list(t.variants)}
+            for name, t in self.experiments.tables.items()
+        }
+
+    def table_specs(self) -> dict[str, dict[str, Any]]:
+        """Same as `tables`."""
+        return self.tables
+
+    def jobs(self) -> list[TrainingJob]:
+        """Training jobs of the matrix, each (dataset, variant, resolution) once, in table order."""
+        order: list[tuple[str, str, int]] = []
+        users: dict[tuple[str, str, int], list[str]] = {}
+        for name, table in self.tables.items():
+            for ds in table["datasets"]:
+                for variant in table["variants"]:
+                    key = (ds, variant, table["resolution"])
+                    if key not in users:
+                        order.append(key)
+                        users[key] = []
+                    users[key].append(name)
+        return [TrainingJob(ds, v, r, tuple(users[(ds, v, r)]), users[(ds, v, r)][0]) for ds, v, r in order]
+
+    def evaluations(self) -> list[tuple[TrainingJob, str]]:
+        """(job, split) for every evaluated split of every job's dataset."""
+        return [(job, split) for job in self.jobs() for split in self.data.datasets[job.dataset].splits]
+
+    def find_job(self, dataset: str, variant: str, resolution: int) -> TrainingJob:
+        for job in self.jobs():
+            if (job.dataset, job.variant, job.resolution) == (dataset, variant, int(resolution)):
+                return job
+        known = ", ".join(j.key for j in self.jobs())
+        raise ConfigError(f"{self.source}: no training job {dataset}/{variant}/{resolution} in the "
+                          f"experiment matrix; known: {known}")
+
+    def run_key(self, dataset: str, variant: str, resolution: int) -> str:
+        """The MLflow run key of a trained model: "{config name}/{dataset}/{variant}/{resolution}"."""
+        return f"{self.name}/{dataset}/{variant}/{int(resolution)}"
+
+    # ---- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised config as plain data (the same layout as the YAML file)."""
+        d = _plain({k: getattr(self, k) for k in _TOP_SPEC})
+        return d
+
+    def config_hash(self) -> str:
+        """sha256 (hex, first 16 chars) of the normalised config: stable across key order and formatting."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,152 @@
+"""params/*.yaml: strict reading, the experiment matrix, hashes."""
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from remamber.config import ConfigError, ExperimentConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "params" / "paper.yaml"
+DEMO = ROOT / "params" / "demo.yaml"
+
+
+def _write_variant(tmp_path, edit, name="demo.yaml"):
+    raw = yaml.safe_load(DEMO.read_text())
+    edit(raw)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_paper_and_demo_load_with_model_check():
+    paper = ExperimentConfig.from_yaml(PAPER)
+    demo = ExperimentConfig.from_yaml(DEMO)
+    assert paper.name == "paper" and demo.name == "demo"
+    assert paper.train.epochs == 50 and paper.train.betas == (0.9, 0.999)
+    assert paper.train.lr_new == 5e-5 and paper.train.lr_pretrained == 2.5e-5
+    assert paper.data.datasets["refcocog"].split_by == "umd"
+    assert paper.data.datasets["refcocog"].splits == ("val", "test")
+    assert paper.model["backbone"] == "vmamba_base"
+    assert demo.tables["table2"] == {"resolution": 96, "datasets": ["refcoco", "refcoco+", "refcocog"],
+                                     "variants": ["twister"]}
+    assert demo.model_config("local_only").to_dict()["backbone"] == "vmamba_demo"
+
+
+def test_paper_matrix_jobs_and_evaluations():
+    cfg = ExperimentConfig.from_yaml(PAPER, check_model=False)
+    jobs = cfg.jobs()
+    assert len(jobs) == 21
+    # Each job is owned by the first table that uses it: 12 + 3 + 4 + 2.
+    assert Counter(j.experiment for j in jobs) == {"table1": 12, "table2": 3, "table3": 4, "table4": 2}
+    assert len({(j.dataset, j.variant, j.resolution) for j in jobs}) == 21
+    shared = cfg.find_job("refcoco", "twister", 256)
+    assert shared.tables == ("table1", "table3", "table4") and shared.experiment == "table1"
+    assert cfg.find_job("refcocog", "twister", 480).tables == ("table2",)
+    assert all(j.resolution == (480 if j.experiment == "table2" else 256) for j in jobs)
+    # Evaluations, by hand: table1 4 variants x (3 + 3 + 2 splits) = 32; table2 (3 + 3 + 2) = 8;
+    # table3 4 new refcoco jobs x 3 = 12; table4 2 new x 3 = 6 -> 58.
+    evals = cfg.evaluations()
+    assert len(evals) == 58
+    assert ("refcocog", "test") in {(j.dataset, s) for j, s in evals}
+    assert cfg.run_key("refcoco+", "twister", 480) == "paper/refcoco+/twister/480"
+    with pytest.raises(ConfigError, match="no training job refcoco/twister/999"):
+        cfg.find_job("refcoco", "twister", 999)
+
+
+def test_typo_names_file_and_key_path(tmp_path):
+    path = _write_variant(tmp_path, lambda r: r["train"].__setitem__("epocs", 3))
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_yaml(path, check_model=False)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: train.epocs: unknown key; valid: epochs, global_batch_size")
+
+    nested = _write_variant(tmp_path, lambda r: r["data"]["datasets"]["refcoco"].__setitem__("split", "x"))
+    with pytest.raises(ConfigError, match=r"data\.datasets\.refcoco\.split: unknown key"):
+        ExperimentConfig.from_yaml(nested, check_model=False)
+
+    top = _write_variant(tmp_path, lambda r: r.__setitem__("trian", {}))
+    with pytest.raises(ConfigError, match=r"demo\.yaml: trian: unknown key; valid: name, results, data"):
+        ExperimentConfig.from_yaml(top, check_model=False)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda r: r["train"].__setitem__("epochs", "four"), r"train\.epochs: expected an integer, got 'four'"),
+        (lambda r: r["train"].__setitem__("amp", "yes"), r"train\.amp: expected true or false"),
+        (lambda r: r["train"].__setitem__("betas", [0.9]), r"train\.betas: expected a list of two numbers"),
+        (lambda r: r["train"].__setitem__("epochs", 0), r"train\.epochs: must be >= 1, got 0"),
+        (lambda r: r["train"].pop("seed"), r"train\.seed: missing key"),
+        (lambda r: r["train"].__setitem__("global_batch_size", 20),
+         r"train\.global_batch_size: 20 is not a multiple of train\.per_device_batch_size 16"),
+        (lambda r: r["evaluate"].__setitem__("protocol", "lavt"),
+         r"evaluate\.protocol: 'lavt' is not one of original, input"),
+        (lambda r: r["data"].__setitem__("mask_mode", "sum"), r"data\.mask_mode: 'sum' is not one of"),
+        (lambda r: r["tracking"].__setitem__("on_error", "ignore"), r"tracking\.on_error"),
+        (lambda r: r["experiments"]["tables"]["table2"].__setitem__("resolution", "huge"),
+         r"experiments\.tables\.table2\.resolution: 'huge' is not in experiments\.resolutions"),
+        (lambda r: r["experiments"]["tables"]["table3"].__setitem__("datasets", ["refclef"]),
+         r"experiments\.tables\.table3\.datasets: 'refclef' is not in data\.datasets"),
+        (lambda r: r["experiments"]["resolutions"].__setitem__("low", 64.5),
+         r"experiments\.resolutions\.low: expected an integer"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, edit, pattern):
+    path = _write_variant(tmp_path, edit)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        ExperimentConfig.from_yaml(path, check_model=False)
+    assert str(err.value).startswith(str(path))
+
+
+def test_model_section_and_variants_checked_through_models(tmp_path):
+    bad_key = _write_variant(tmp_path, lambda r: r["model"].__setitem__("backbon", "vmamba_demo"))
+    with pytest.raises(ConfigError, match=r"demo\.yaml: model: .*backbon"):
+        ExperimentConfig.from_yaml(bad_key)
+    # Shape-only reading succeeds without the model check.
+    ExperimentConfig.from_yaml(bad_key, check_model=False)
+    bad_variant = _write_variant(
+        tmp_path, lambda r: r["experiments"]["tables"]["table4"]["variants"].append("global_locla"))
+    with pytest.raises(ConfigError, match=r"experiments\.tables\.table4\.variants: unknown variant 'global_locla'"):
+        ExperimentConfig.from_yaml(bad_variant)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        ExperimentConfig.from_yaml(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        ExperimentConfig.from_yaml(broken)
+
+
+def test_hash_and_round_trip(tmp_path):
+    cfg = ExperimentConfig.from_yaml(DEMO, check_model=False)
+    # Same content, other key order and formatting -> same hash; `1e-3` read as a string by YAML -> same.
+    raw = yaml.safe_load(DEMO.read_text())
+    reordered = {k: raw[k] for k in reversed(list(raw))}
+    reordered["train"] = {k: raw["train"][k] for k in reversed(list(raw["train"]))}
+    reordered["train"]["lr_new"] = "1e-3"
+    path = tmp_path / "reordered.yaml"
+    path.write_text(yaml.safe_dump(reordered, sort_keys=True, default_flow_style=True))
+    other = ExperimentConfig.from_yaml(path, check_model=False)
+    assert other.train.lr_new == 1e-3
+    assert other.config_hash() == cfg.config_hash()
+    assert other == cfg
+    changed = _write_variant(tmp_path, lambda r: r["train"].__setitem__("seed", 1), name="seed1.yaml")
+    assert ExperimentConfig.from_yaml(changed, check_model=False).config_hash() != cfg.config_hash()
+    again = ExperimentConfig.from_dict(cfg.to_dict(), check_model=False)
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert cfg.to_dict()["train"]["betas"] == [0.9, 0.999]
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from remamber.config import ExperimentConfig; "
+            f"ExperimentConfig.from_yaml({str(PAPER)!r}, check_model=False); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
