@@ -1,0 +1,163 @@
+"""Process group set-up, deterministic batch sharding, seeding and RNG state capture.
+
+Sharding keeps the global batch of one process: at epoch e, a permutation of the dataset drawn from a
+generator seeded by (seed, e) is cut into global batches of G = per_device x world x accumulation items
+(the incomplete tail is dropped); global batch s is cut into `world x accumulation` micro-batches of
+`per_device` items; rank r takes micro-batches r, r + world, r + 2*world, ... So every global batch holds
+the same items whatever the world size, and the gradient of its mean loss is the same up to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info_from_env() -> DistInfo:
+    """RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun (a single process without them)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise RuntimeError(f"bad torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {exc}") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise RuntimeError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
+    return DistInfo(rank, world, local)
+
+
+def init_distributed(info: DistInfo, device: torch.device) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) when launched with several processes."""
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                rank=info.rank, world_size=info.world_size)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True if `flag` is true on any rank (an all-reduce; the flag itself without DDP)."""
+    if not (info.enabled and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def batch_split(global_batch: int, per_device: int, world_size: int) -> int:
+    """Gradient-accumulation steps so that global = per_device x world x accumulation (else an error)."""
+    if global_batch % (per_device * world_size):
+        raise ValueError(
+            f"train.global_batch_size {global_batch} is not divisible by train.per_device_batch_size "
+            f"{per_device} x world size {world_size}")
+    return global_batch // (per_device * world_size)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One 63-bit seed per (seed, epoch), stable across Python versions and processes."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)
+
+
+class GlobalBatchSampler:
+    """Batch sampler of one rank for one epoch (see the module docstring); yields lists of indices."""
+
+    def __init__(self, n_items: int, per_device: int, world_size: int, rank: int, accumulation: int,
+                 seed: int, epoch: int) -> None:
+        self.n_items, self.per_device, self.world, self.rank = n_items, per_device, world_size, rank
+        self.accumulation, self.seed, self.epoch = accumulation, seed, epoch
+        self.global_batch = per_device * world_size * accumulation
+        self.steps = n_items // self.global_batch
+
+    def order(self) -> list[int]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return torch.randperm(self.n_items, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = self.order()
+        for step in range(self.steps):
+            chunk = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            for a in range(self.accumulation):
+                m = a * self.world + self.rank
+                yield chunk[m * self.per_device:(m + 1) * self.per_device]
+
+    def __len__(self) -> int:
+        return self.steps * self.accumulation
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        # CUBLAS needs this before its first use for deterministic matmuls on CUDA.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        # warn_only: a few CUDA kernels (e.g. bilinear upsampling backward) have no deterministic version.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def gather_rng_states(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (on every rank)."""
+    mine = rng_state()
+    if not (info.enabled and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state({"bit_generator": npst["bit_generator"],
+                         "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                         "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

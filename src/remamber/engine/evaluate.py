@@ -1,0 +1,157 @@
+"""Evaluation: every sentence of every referred object of a split -> metrics.json (DESIGN.md section 5).
+
+Protocols:
+    "original": logits resized to the original image size (nearest, as the authors do), sigmoid > 0.5,
+                scored against the mask at the original size;
+    "input":    sigmoid > 0.5 at the network's input resolution, scored against the mask resized to it
+                (nearest), as LAVT does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from remamber.engine.checkpoint import file_sha256, load_model
+from remamber.engine.metrics import METRIC_KEYS, MetricAccumulator
+
+PROTOCOLS = ("original", "input")
+
+
+def logits_to_masks(
+    logits: torch.Tensor, protocol: str, orig_sizes: Sequence[tuple[int, int]] | None = None
+) -> list[np.ndarray]:
+    """Binary masks from logits (B, 1, R, R): (H_i, W_i) bool arrays ("original") or (R, R) ("input")."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if logits.ndim != 4 or logits.shape[1] != 1:
+        raise ValueError(f"expected logits of shape (B, 1, H, W), got {tuple(logits.shape)}")
+    logits = logits.detach().float()
+    if protocol == "input":
+        return list((torch.sigmoid(logits[:, 0]) > 0.5).cpu().numpy())
+    if orig_sizes is None or len(orig_sizes) != logits.shape[0]:
+        raise ValueError("protocol 'original' needs one original (H, W) per sample")
+    masks = []
+    for i, (h, w) in enumerate(orig_sizes):
+        up = F.interpolate(logits[i:i + 1], size=(int(h), int(w)), mode="nearest")
+        masks.append((torch.sigmoid(up[0, 0]) > 0.5).cpu().numpy())
+    return masks
+
+
+def batch_targets(batch: dict[str, Any], protocol: str) -> list[np.ndarray]:
+    """Target masks of a collated eval batch for the protocol (bool arrays)."""
+    if protocol == "original":
+        return [np.asarray(m, dtype=bool) for m in batch["orig_mask"]]
+    return list((batch["mask"][:, 0] > 0.5).cpu().numpy())
+
+
+@torch.no_grad()
+def score_loader(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    protocol: str,
+    device: torch.device,
+    desc: str = "evaluate",
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> MetricAccumulator:
+    """Run `model` over an eval-mode loader and accumulate (I, U) per sample."""
+    was_training = model.training
+    model.eval()
+    acc = MetricAccumulator()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            input_ids, attention_mask = model.tokenize(list(batch["text"]))
+            with nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype):
+                logits = model(batch["image"].to(device), input_ids.to(device), attention_mask.to(device))
+            preds = logits_to_masks(logits, protocol, batch.get("orig_size"))
+            for p, t in zip(preds, batch_targets(batch, protocol)):
+                acc.add(p, t)
+    finally:
+        model.train(was_training)
+    return acc
+
+
+def _atomic_write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    split: str,
+    out: str | Path,
+    index_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    protocol: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    tracking: bool = True,
+) -> dict[str, Any]:
+    """Score `checkpoint` on every sentence of `split`; write `out` (metrics.json) atomically.
+
+    Defaults come from the checkpoint's config: index_dir = <data.processed>/<dataset>,
+    data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`. Returns the metrics dict.
+    """
+    from remamber.data.datasets import RefSegDataset, collate_batch
+
+    checkpoint = Path(checkpoint)
+    out = Path(out)
+    model, meta = load_model(checkpoint, map_location="cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    config = meta["config"]
+    eval_cfg = config["evaluate"]
+    dataset, variant, resolution = meta["dataset"], meta["variant"], int(meta["resolution"])
+    protocol = protocol or eval_cfg["protocol"]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    index_dir = Path(index_dir) if index_dir is not None else Path(config["data"]["processed"]) / dataset
+    data_root = Path(data_root) if data_root is not None else Path(config["data"]["raw"])
+    ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"])
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size or eval_cfg["batch_size"], shuffle=False,
+        num_workers=eval_cfg["num_workers"] if num_workers is None else num_workers,
+        collate_fn=collate_batch)
+    amp_dtype = None
+    if device.type == "cuda" and config["train"]["amp"]:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    acc = score_loader(model, loader, protocol, device, desc=f"evaluate {dataset}/{variant}/{split}",
+                       amp_dtype=amp_dtype)
+    scores = acc.result()
+    record: dict[str, Any] = {
+        "dataset": dataset, "variant": variant, "resolution": resolution, "split": split,
+        "protocol": protocol, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+        "config_name": meta.get("config_name", config.get("name")),
+    }
+    _atomic_write_json(record, out)
+    if tracking:
+        _track_eval(meta, split, record, out)
+    return record
+
+
+def _track_eval(meta: dict[str, Any], split: str, record: dict[str, Any], out: Path) -> None:
+    from remamber.tracking import Tracker, TrackingConfig
+
+    tracker = Tracker(TrackingConfig.from_dict(meta["config"]["tracking"]))
+    run_key = meta.get("run_key") or f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/" \
+                                      f"{meta['resolution']}"
+    experiment = meta.get("experiment") or "default"
+    params = {"split": split, "protocol": record["protocol"], "checkpoint": record["checkpoint"]}
+    tags = {"remamber.checkpoint_sha256": record["checkpoint_sha256"], "remamber.split": split,
+            "remamber.data_hash": meta.get("data_hash", "")}
+    with tracker.eval_run(experiment, run_key, split, params=params, tags=tags) as run:
+        run.log_metrics({k.replace("@", "_at_"): float(record[k]) for k in METRIC_KEYS}, step=0)
+        run.log_artifact(out)
