@@ -1,0 +1,32 @@
+"""Square resize and ImageNet normalisation with PIL and torch only (no torchvision, see DESIGN §10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL image -> float32 (3, R, R): RGB, bilinear square resize, ImageNet mean/std."""
+    image = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # (R, R, 3)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+
+
+def mask_to_tensor(mask: np.ndarray, resolution: int) -> torch.Tensor:
+    """bool (H, W) -> float32 (1, R, R) in {0, 1}, nearest-neighbour square resize."""
+    pil = Image.fromarray(mask.astype(np.uint8) * 255).resize((resolution, resolution), Image.NEAREST)
+    return torch.from_numpy((np.asarray(pil) > 127).astype(np.float32))[None]
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """float32 (3, H, W) normalised -> float32 (3, H, W) in [0, 1] (for figures)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype).view(3, 1, 1)
+    return (image * std + mean).clamp(0, 1)
