@@ -1,0 +1,168 @@
+"""Engine building blocks on toy modules: optimizer groups, schedule, EMA, sharding, RNG and checkpoint I/O."""
+
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from remamber.engine.checkpoint import (
+    CheckpointError, atomic_torch_save, file_sha256, read_checkpoint, save_checkpoint,
+)
+from remamber.engine.distributed import (
+    GlobalBatchSampler, batch_split, epoch_seed, rng_state, set_rng_state,
+)
+from remamber.engine.optim import CosineEpochSchedule, ModelEMA, cosine_lr, optimizer_groups
+
+
+def _train_cfg(**kw):
+    base = dict(lr_new=1e-3, lr_pretrained=2e-4, weight_decay=1e-4, betas=(0.9, 0.999), min_lr=1e-5)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+class _Toy(nn.Module):
+    def __init__(self, leave_out=False):
+        super().__init__()
+        self.text = nn.Linear(3, 4)
+        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.head = nn.Linear(4, 1)
+        self.A_log = nn.Parameter(torch.zeros(4, 1))
+        self.A_log._no_weight_decay = True
+        self.leave_out = leave_out
+
+    def param_groups(self):
+        new = list(self.head.parameters()) + ([] if self.leave_out else [self.A_log])
+        return {"text_encoder": list(self.text.parameters()), "backbone": list(self.backbone.parameters()),
+                "new": new}
+
+
+def _group(groups, name):
+    return next(g for g in groups if g["name"] == name)
+
+
+def test_optimizer_groups_lrs_and_decay():
+    model = _Toy()
+    groups = optimizer_groups(model, _train_cfg(), pretrained_backbone=True)
+    assert _group(groups, "text_encoder/decay")["lr"] == 2e-4
+    assert _group(groups, "backbone/decay")["lr"] == 2e-4
+    assert _group(groups, "new/decay")["lr"] == 1e-3
+    # Biases, norm weights and parameters marked _no_weight_decay get no decay.
+    assert _group(groups, "backbone/no_decay")["weight_decay"] == 0.0
+    assert len(_group(groups, "backbone/no_decay")["params"]) == 3  # linear bias, LN weight, LN bias
+    assert any(p is model.A_log for p in _group(groups, "new/no_decay")["params"])
+    assert _group(groups, "new/decay")["weight_decay"] == 1e-4
+    assert [p for p in _group(groups, "new/decay")["params"]] == [model.head.weight]
+    # A backbone trained from scratch counts as new.
+    scratch = optimizer_groups(model, _train_cfg(), pretrained_backbone=False)
+    assert _group(scratch, "backbone/decay")["lr"] == 1e-3
+    assert _group(scratch, "text_encoder/decay")["lr"] == 2e-4
+    with pytest.raises(ValueError, match="1 trainable parameters are in none"):
+        optimizer_groups(_Toy(leave_out=True), _train_cfg(), pretrained_backbone=True)
+
+
+def test_cosine_schedule_per_epoch():
+    assert cosine_lr(1e-3, 1e-5, 0, 4) == 1e-3
+    assert cosine_lr(1e-3, 1e-5, 2, 4) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
+    assert cosine_lr(1e-3, 1e-5, 1, 4) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    model = _Toy()
+    opt = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
+    sched = CosineEpochSchedule(opt, 1e-5, 4)
+    sched.set_epoch(3)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["new/decay"] == pytest.approx(cosine_lr(1e-3, 1e-5, 3, 4))
+    assert lrs["text_encoder/decay"] == pytest.approx(cosine_lr(2e-4, 1e-5, 3, 4))
+    opt2 = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
+    CosineEpochSchedule(opt2, 0.0, 1).load_state_dict(sched.state_dict())
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_ema_update_hand_computed():
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)  # 0.9 * 1 + 0.1 * 3 = 1.2
+    assert ema.module.weight.item() == pytest.approx(1.2)
+    ema.update(model)  # 0.9 * 1.2 + 0.1 * 3 = 1.38
+    assert ema.module.weight.item() == pytest.approx(1.38)
+    assert not ema.module.weight.requires_grad
+
+
+def test_sharding_keeps_the_global_batch():
+    n, per_device, world = 23, 2, 2
+    single = list(GlobalBatchSampler(n, per_device, 1, 0, accumulation=world, seed=5, epoch=3))
+    ranks = [list(GlobalBatchSampler(n, per_device, world, r, accumulation=1, seed=5, epoch=3))
+             for r in range(world)]
+    steps = n // (per_device * world)
+    assert len(single) == steps * world and all(len(r) == steps for r in ranks)
+    for s in range(steps):
+        one = sorted(single[2 * s] + single[2 * s + 1])
+        many = sorted(ranks[0][s] + ranks[1][s])
+        assert one == many  # the same items in every global batch
+        assert single[2 * s] == ranks[0][s] and single[2 * s + 1] == ranks[1][s]
+    flat = [i for b in single for i in b]
+    assert len(set(flat)) == len(flat) == steps * per_device * world  # tail of 3 dropped, no repeats
+    assert single == list(GlobalBatchSampler(n, per_device, 1, 0, world, seed=5, epoch=3))
+    assert single != list(GlobalBatchSampler(n, per_device, 1, 0, world, seed=5, epoch=4))
+    assert epoch_seed(0, 1) != epoch_seed(1, 0)
+    assert batch_split(64, 8, 4) == 2
+    with pytest.raises(ValueError, match="global_batch_size 64 is not divisible by .* 8 x world size 3"):
+        batch_split(64, 8, 3)
+
+
+def test_rng_state_round_trip_through_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = rng_state()
+    expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
+
+
+class _Configured(nn.Linear):
+    config = SimpleNamespace(to_dict=lambda: {"backbone": "toy"})
+
+
+def _meta(**kw):
+    meta = {"config": {"name": "t"}, "dataset": "refcoco", "variant": "twister", "resolution": 32,
+            "epoch": 1, "data_hash": "abc"}
+    meta.update(kw)
+    return meta
+
+
+def test_checkpoint_write_read_and_errors(tmp_path):
+    model = _Configured(2, 3)
+    path = tmp_path / "ck" / "last.pt"
+    save_checkpoint(path, model, _meta(), training={"history": [{"epoch": 1, "loss": 0.5}]})
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary left behind
+    state = read_checkpoint(path)
+    assert state["meta"]["model_config"] == {"backbone": "toy"}
+    assert torch.equal(state["model"]["weight"], model.weight.detach())
+    assert state["training"]["history"][0]["loss"] == 0.5
+    assert len(file_sha256(path)) == 64
+
+    with pytest.raises(ValueError, match="lacks data_hash"):
+        save_checkpoint(tmp_path / "x.pt", model, {k: v for k, v in _meta().items() if k != "data_hash"})
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated.pt: cannot read checkpoint"):
+        read_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    atomic_torch_save({"weights": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.pt: not a remamber checkpoint"):
+        read_checkpoint(foreign)
+    # An arbitrary object in the pickle is refused by weights_only, never constructed.
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "remamber-checkpoint-v1", "meta": SimpleNamespace(x=1)}, evil)
+    with pytest.raises(CheckpointError, match="evil.pt: cannot read checkpoint"):
+        read_checkpoint(evil)
