@@ -1,0 +1,133 @@
+"""RefSegDataset / collate_batch on the tiny synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from remamber.data.datasets import RefSegDataset, collate_batch
+from remamber.data.preprocess import preprocess
+from remamber.data.refer import decode_mask
+from remamber.data.synth import write_synthetic
+
+R = 48
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_synthetic(root / "raw", seed=0, size="tiny", progress=False)
+    preprocess(root / "raw", "refcoco", root / "idx", progress=False)
+    return root / "idx", root / "raw"
+
+
+def test_train_mode_draws_are_reproducible_per_epoch(tiny):
+    idx, raw = tiny
+    table = pd.read_parquet(idx / "train.parquet")
+    ds = RefSegDataset(idx, "train", "train", R, raw, seed=0)
+    assert len(ds) == ds.num_objects == len(table)
+    assert ds.num_sentences == sum(len(s) for s in table.sentences)
+
+    def draws(d, epoch, order):
+        d.set_epoch(epoch)
+        return {i: (d[i]["text"], d[i]["sent_id"]) for i in order}
+
+    forward = range(len(ds))
+    e0 = draws(ds, 0, forward)
+    assert e0 == draws(ds, 0, reversed(forward))  # independent of access order (hence of workers)
+    other = RefSegDataset(idx, "train", "train", R, raw, seed=0)
+    assert draws(other, 0, forward) == e0
+    e1 = draws(ds, 1, forward)
+    multi = [i for i in forward if len(table.sentences[i]) > 1]
+    assert multi, "the fixture needs objects with several sentences"
+    assert any(e0[i] != e1[i] for i in multi)
+    seeded = RefSegDataset(idx, "train", "train", R, raw, seed=5)
+    assert any(draws(seeded, 0, forward)[i] != e0[i] for i in multi) or \
+        any(draws(seeded, 1, forward)[i] != e1[i] for i in multi)
+    for i in forward:  # a draw is one of the object's own sentences, with its id
+        for text, sent_id in (e0[i], e1[i]):
+            j = list(table.sent_ids[i]).index(sent_id)
+            assert text == table.sentences[i][j]
+    # over many epochs every sentence of a multi-sentence object is drawn
+    i = multi[0]
+    seen = {draws(ds, e, [i])[i][1] for e in range(40)}
+    assert seen == set(table.sent_ids[i])
+
+
+def test_eval_mode_yields_every_sentence_in_a_fixed_order(tiny):
+    idx, raw = tiny
+    table = pd.read_parquet(idx / "val.parquet")
+    ds = RefSegDataset(idx, "val", "eval", R, raw)
+    expected = [(r, s) for r, ids in zip(table.ref_id, table.sent_ids) for s in ids]
+    assert len(ds) == ds.num_sentences == len(expected)
+    assert ds.num_objects == len(table)
+    assert [(ds[i]["ref_id"], ds[i]["sent_id"]) for i in range(len(ds))] == expected
+    sub = RefSegDataset(idx, "val", "eval", R, raw, max_items=3)
+    assert len(sub) == 3
+    assert [sub[i]["sent_id"] for i in range(3)] == [s for _, s in expected[:3]]
+
+
+def test_item_shapes_dtypes_and_normalisation(tiny):
+    idx, raw = tiny
+    ds = RefSegDataset(idx, "val", "eval", R, raw)
+    row = pd.read_parquet(idx / "val.parquet").iloc[0]
+    item = ds[0]
+    assert item["image"].dtype == torch.float32 and item["image"].shape == (3, R, R)
+    assert item["mask"].dtype == torch.float32 and item["mask"].shape == (1, R, R)
+    assert set(item["mask"].unique().tolist()) == {0.0, 1.0}
+    assert item["orig_mask"].dtype == np.bool_ and item["orig_mask"].shape == (row.height, row.width)
+    assert item["orig_size"] == (row.height, row.width)
+    assert item["image_path"] == row.image_path
+    assert isinstance(item["text"], str) and isinstance(item["ref_id"], int)
+    # independent reference: PIL bilinear resize, /255, ImageNet mean/std, CHW
+    pil = Image.open(raw / row.image_path).convert("RGB").resize((R, R), Image.BILINEAR)
+    ref = (np.asarray(pil, np.float32) / 255.0 - MEAN) / STD
+    np.testing.assert_allclose(item["image"].numpy(), ref.transpose(2, 0, 1), atol=1e-6)
+    assert abs(float(item["image"][0].mean()) - float(ref[..., 0].mean())) < 1e-5
+    # nearest resize of the original mask
+    gt = decode_mask(row.mask_counts, row.height, row.width)
+    np.testing.assert_array_equal(item["orig_mask"], gt)
+    near = np.asarray(Image.fromarray(gt.astype(np.uint8) * 255).resize((R, R), Image.NEAREST)) > 0
+    np.testing.assert_array_equal(item["mask"][0].numpy() == 1.0, near)
+    assert 0.005 < float(item["mask"].mean()) < 0.5
+
+
+def test_collate_and_dataloader_with_two_workers(tiny):
+    idx, raw = tiny
+    ds = RefSegDataset(idx, "train", "train", R, raw, seed=1)
+    ds.set_epoch(2)
+    serial = list(DataLoader(ds, batch_size=4, shuffle=False, num_workers=0, collate_fn=collate_batch))
+    parallel = list(DataLoader(ds, batch_size=4, shuffle=False, num_workers=2, collate_fn=collate_batch))
+    assert len(serial) == len(parallel) == -(-len(ds) // 4)
+    for a, b in zip(serial, parallel):
+        assert set(a) == {"image", "mask", "text", "ref_id", "sent_id"}
+        assert a["image"].shape[1:] == (3, R, R) and a["mask"].shape[1:] == (1, R, R)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert a["text"] == b["text"] and a["sent_id"] == b["sent_id"]
+        assert isinstance(a["text"], list) and isinstance(a["ref_id"], list)
+    ev = RefSegDataset(idx, "val", "eval", R, raw)
+    batch = collate_batch([ev[0], ev[1]])
+    assert batch["image"].shape == (2, 3, R, R)
+    assert isinstance(batch["orig_mask"], list) and batch["orig_mask"][0].dtype == np.bool_
+    assert batch["orig_size"] == [ev[0]["orig_size"], ev[1]["orig_size"]]
+
+
+def test_bad_inputs_are_named(tiny, tmp_path):
+    idx, raw = tiny
+    with pytest.raises(FileNotFoundError, match=r"testC\.parquet: no index for split 'testC'; available: \["):
+        RefSegDataset(idx, "testC", "eval", R, raw)
+    with pytest.raises(ValueError, match=r"unknown mode 'test'"):
+        RefSegDataset(idx, "val", "test", R, raw)
+    with pytest.raises(ValueError, match="resolution"):
+        RefSegDataset(idx, "val", "eval", 0, raw)
+    with pytest.raises(FileNotFoundError, match=r"meta\.json: not found"):
+        RefSegDataset(tmp_path, "val", "eval", R, raw)
+    ds = RefSegDataset(idx, "val", "eval", R, tmp_path)  # wrong data_root
+    with pytest.raises(FileNotFoundError, match=r"image of ref_id \d+ is missing"):
+        ds[0]
