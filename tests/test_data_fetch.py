@@ -250,3 +250,26 @@ def test_extract_truncated_archive_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"t\.zip"):
         extract(archive, tmp_path / "out", progress=False)
     assert not is_extracted(archive, tmp_path / "out")
+
+
+def test_fetch_dataset_downloads_and_extracts_each_archive(server, tmp_path):
+    import io
+    blobs = {}
+    for name, entries in {"refs": {"toy/refs(unc).p": b"p", "toy/instances.json": b"{}"},
+                          "imgs": {"train2014/COCO_train2014_000000000001.jpg": b"jpg"}}.items():
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for n, d in entries.items():
+                zf.writestr(n, d)
+        blobs[name] = buf.getvalue()
+        server.files[f"/{name}.zip"] = blobs[name]
+    spec = {"archives": {n: {"filename": f"{n}.zip", "urls": [f"{server.base}/{n}.zip"], "size": len(b),
+                             "sha256": hashlib.sha256(b).hexdigest()} for n, b in blobs.items()},
+            "datasets": {"toy": {"archives": ["refs", "imgs"], "split_by": "unc",
+                                 "counts": {"train": {"objects": 1, "images": 1, "sentences": 1}}}}}
+    cat = tmp_path / "datasets.yaml"
+    cat.write_text(yaml.safe_dump(spec))
+    root = fetch_mod.fetch_dataset("toy", tmp_path / "raw", datasets_yaml=cat, backoff=0, progress=False)
+    assert (root / "toy" / "refs(unc).p").read_bytes() == b"p"
+    assert (root / "train2014" / "COCO_train2014_000000000001.jpg").read_bytes() == b"jpg"
+    assert is_extracted(root / "refs.zip", root) and is_extracted(root / "imgs.zip", root)

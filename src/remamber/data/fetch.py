@@ -325,3 +325,18 @@ def is_extracted(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> boo
         return json.loads(marker.read_text()) == {"archive": archive.name, "size": st.st_size,
                                                    "mtime_ns": st.st_mtime_ns}
     return False
+
+
+def fetch_dataset(dataset: str, data_root: str | os.PathLike,
+                  datasets_yaml: str | os.PathLike = DEFAULT_DATASETS_YAML, retries: int = 4,
+                  backoff: float = 1.0, timeout: float = 60.0, progress: bool = True) -> Path:
+    """Fetch and verify every archive of `dataset` (e.g. refcoco.zip and train2014.zip) into `data_root`
+    and extract each there, giving the refer layout `<data_root>/<dataset>/refs(...).p` and
+    `<data_root>/train2014/`; returns `data_root`. Verified archives and complete extractions are reused."""
+    data_root = Path(data_root)
+    catalog = load_catalog(datasets_yaml)
+    for name in catalog.dataset(dataset).archives:
+        (archive,) = fetch(name, data_root, datasets_yaml=datasets_yaml, retries=retries, backoff=backoff,
+                           timeout=timeout, progress=progress)
+        extract(archive, data_root, progress=progress)
+    return data_root
