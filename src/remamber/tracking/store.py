@@ -122,7 +122,7 @@ def with_retries(
 
 @contextlib.contextmanager
 def store_lock(uri: str) -> Iterator[None]:
-    """Exclusive advisory lock on ``<db>.lock`` for SQLite stores; a no-op for others.
+    """Exclusive advisory lock on ``<db>-remamber.lock`` for SQLite stores; a no-op for others.
 
     POSIX ``flock``; on platforms without fcntl the retries alone have to do.
     """
@@ -135,7 +135,7 @@ def store_lock(uri: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return
-    lock_path = db.with_name(db.name + ".lock")
+    lock_path = db.with_name(db.name + "-remamber.lock")  # beside SQLite's own <db>-journal
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock_path, "a+b")
