@@ -8,15 +8,18 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (x / 255 - mean) / std folded into one multiply-add per channel
+_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32).reshape(3, 1, 1)
+_SHIFT = np.array([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=np.float32).reshape(3, 1, 1)
 
 
 def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """PIL image -> float32 (3, R, R): RGB, bilinear square resize, ImageNet mean/std."""
     image = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # (R, R, 3)
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    std = np.asarray(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+    chw = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, R, R), a fresh copy
+    chw *= _SCALE
+    chw += _SHIFT
+    return torch.from_numpy(chw)  # numpy, not torch ops: no intra-op thread pool inside DataLoader workers
 
 
 def mask_to_tensor(mask: np.ndarray, resolution: int) -> torch.Tensor:
