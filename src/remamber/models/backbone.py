@@ -1,0 +1,225 @@
+"""VMamba backbone (channel-first), its named configurations and the official-checkpoint loader.
+
+Layout and parameter names follow MzeroMiko/VMamba `vssm_base_0229` (patch embed v2, downsample v3,
+ln2d norm, forward type v05_noz), so `vssm_base_0229_ckpt_epoch_237.pth` loads key for key:
+
+    patch_embed.{0,5}   stride-2 3x3 convs 3 -> C0/2 -> C0 ({2,7}: LayerNorm2d; 4: GELU)
+    layers.i.blocks.j   VSSBlock (norm, op = SS2D, norm2, mlp.fc1, mlp.fc2)
+    layers.i.downsample stride-2 3x3 conv C -> 2C (index 1) + LayerNorm2d (index 3); Identity last
+
+The Identity entries in the Sequentials only keep the official indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from remamber.models.layers import LayerNorm2d, trunc_normal_init
+from remamber.models.ss2d import VSSBlock
+
+__all__ = [
+    "BackboneConfig",
+    "BACKBONES",
+    "backbone_config",
+    "VMambaStage",
+    "VMambaBackbone",
+    "LoadReport",
+    "load_vmamba_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Sizes of a VMamba backbone. dims/depths per stage; SSM sizes shared by every block."""
+
+    dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    d_state: int = 1
+    ssm_ratio: float = 2.0
+    dt_rank: int | str = "auto"
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if len(self.dims) != len(self.depths) or not self.dims:
+            raise ValueError(f"dims {self.dims} and depths {self.depths} must be non-empty and of equal length")
+
+
+BACKBONES: dict[str, BackboneConfig] = {
+    # VMamba-B (vssm_base_0229): 87.5M parameters without the classifier head.
+    "vmamba_base": BackboneConfig(dims=(128, 256, 512, 1024), depths=(2, 2, 15, 2)),
+    # CPU demo: trains at 64-96 px on two cores.
+    "vmamba_demo": BackboneConfig(dims=(16, 32, 64, 128), depths=(1, 1, 2, 1)),
+    # Unit tests: the smallest model that still has every part.
+    "vmamba_tiny_test": BackboneConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), mlp_ratio=2.0),
+}
+
+
+def backbone_config(name: str) -> BackboneConfig:
+    """The registered configuration `name`; unknown names raise listing the known ones."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(f"unknown backbone {name!r}; known backbones: {sorted(BACKBONES)}") from None
+
+
+class VMambaStage(nn.Module):
+    """One stage: `blocks` (VSS blocks at width C) then `downsample` (C -> C_next, stride 2)."""
+
+    def __init__(self, blocks: nn.Sequential, downsample: nn.Module) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.downsample = downsample
+
+
+def _patch_embed(out_dim: int) -> nn.Sequential:
+    half = out_dim // 2
+    return nn.Sequential(
+        nn.Conv2d(3, half, kernel_size=3, stride=2, padding=1),
+        nn.Identity(),
+        LayerNorm2d(half),
+        nn.Identity(),
+        nn.GELU(),
+        nn.Conv2d(half, out_dim, kernel_size=3, stride=2, padding=1),
+        nn.Identity(),
+        LayerNorm2d(out_dim),
+    )
+
+
+def _downsample(dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Identity(),
+        nn.Conv2d(dim, out_dim, kernel_size=3, stride=2, padding=1),
+        nn.Identity(),
+        LayerNorm2d(out_dim),
+    )
+
+
+class VMambaBackbone(nn.Module):
+    """VMamba feature extractor.
+
+    forward(images (B, 3, H, W)) -> list of stage outputs (B, C_i, H_i, W_i) with
+    H_1 = ceil(ceil(H/2)/2) and each later stage ceil(H_{i-1}/2): padded stride-2 convs, so any
+    input size works. Drop-path rises linearly from 0 to `drop_path_rate` over all blocks.
+    The ReMamber assembly calls `patch_embed`, `layers[i].blocks` and `layers[i].downsample`
+    itself to place fusion between them.
+    """
+
+    def __init__(self, config: BackboneConfig, drop_path_rate: float = 0.1) -> None:
+        super().__init__()
+        self.config = config
+        self.dims = list(config.dims)
+        total = sum(config.depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        self.patch_embed = _patch_embed(config.dims[0])
+        self.layers = nn.ModuleList()
+        start = 0
+        for i, (dim, depth) in enumerate(zip(config.dims, config.depths)):
+            blocks = nn.Sequential(
+                *[
+                    VSSBlock(
+                        dim,
+                        drop_path=rates[start + j],
+                        d_state=config.d_state,
+                        ssm_ratio=config.ssm_ratio,
+                        dt_rank=config.dt_rank,
+                        mlp_ratio=config.mlp_ratio,
+                    )
+                    for j in range(depth)
+                ]
+            )
+            start += depth
+            last = i == len(config.dims) - 1
+            down = nn.Identity() if last else _downsample(dim, config.dims[i + 1])
+            self.layers.append(VMambaStage(blocks, down))
+        self.apply(trunc_normal_init)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.patch_embed(images)
+        outs = []
+        for stage in self.layers:
+            x = stage.blocks(x)
+            outs.append(x)
+            x = stage.downsample(x)
+        return outs
+
+
+@dataclass
+class LoadReport:
+    """What `load_vmamba_checkpoint` did.
+
+    missing: our keys absent from the checkpoint (kept at their initialisation);
+    unexpected: checkpoint keys with no counterpart here (not loaded);
+    mismatched: (key, checkpoint shape, our shape) -- only filled when allowed, else an error;
+    ignored: checkpoint keys deliberately skipped (the ImageNet classifier head).
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_IGNORED_PREFIXES = ("classifier.",)
+
+
+def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        obj = obj["model"]
+    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a state dict (optionally under key 'model'), got {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {key!r} is not a named tensor ({type(value).__name__})")
+    return obj
+
+
+def load_vmamba_checkpoint(
+    backbone: VMambaBackbone, path: str | os.PathLike, allow_shape_mismatch: bool = False
+) -> LoadReport:
+    """Load official VMamba weights (state dict under `model`) into `backbone`, non-strictly.
+
+    Reads with `torch.load(weights_only=True)`. A key whose shape differs raises ValueError naming the
+    key and both shapes (unless `allow_shape_mismatch`, then it is reported and skipped). Keys of the
+    classifier head are reported as `ignored`; anything else unknown as `unexpected`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint: {exc}") from exc
+    source = _extract_state_dict(raw, path)
+    own = backbone.state_dict()
+    report = LoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, tensor in source.items():
+        if key.startswith(_IGNORED_PREFIXES):
+            report.ignored.append(key)
+        elif key not in own:
+            report.unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(own[key].shape):
+            if not allow_shape_mismatch:
+                raise ValueError(
+                    f"{path}: shape mismatch for key {key!r}: checkpoint {tuple(tensor.shape)} "
+                    f"vs model {tuple(own[key].shape)}"
+                )
+            report.mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
+        else:
+            to_load[key] = tensor
+    report.missing = [k for k in own if k not in to_load and k not in {m[0] for m in report.mismatched}]
+    backbone.load_state_dict(to_load, strict=False)
+    report.loaded = len(to_load)
+    return report

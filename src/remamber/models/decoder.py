@@ -1,0 +1,107 @@
+"""Segmentation decoders: stage features (shallowest first) -> one logit map at the input size.
+
+conv  (paper Sec. 3.7, authors' ConvDecoder): from the deepest stage up, a conv block mixes each
+      stage with the deeper map resampled to that stage's size; a neck (3x3 conv-BN-ReLU, x2
+      upsample, 3x3 conv-BN-ReLU, upsample, 3x3 conv -> 1) brings it to the input resolution.
+mamba (the authors' later Mamba decoder, simplified): the same topology with VSS blocks in place
+      of the conv blocks (a 1x1 projection + LayerNorm to the hidden width, then VSS blocks).
+Resampling goes to explicit sizes, never by a fixed factor, so any input size works.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from remamber.models.layers import LayerNorm2d, Linear2d
+from remamber.models.ss2d import VSSBlock
+
+__all__ = ["DECODERS", "ConvBlock", "ConvDecoder", "MambaDecoder", "build_decoder"]
+
+DECODERS = ("conv", "mamba")
+
+
+class ConvBlock(nn.Module):
+    """(B, in, h, w) -> (B, out, h, w): 1x1 conv-BN-Hardswish, depthwise 3x3-BN-Hardswish, 1x1 conv-BN."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_dim, in_dim, 1, bias=False), nn.BatchNorm2d(in_dim), nn.Hardswish(),
+            nn.Conv2d(in_dim, in_dim, 3, padding=1, groups=in_dim, bias=False), nn.BatchNorm2d(in_dim),
+            nn.Hardswish(),
+            nn.Conv2d(in_dim, out_dim, 1, bias=False), nn.BatchNorm2d(out_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class VSSMixer(nn.Module):
+    """(B, in, h, w) -> (B, out, h, w): Linear2d + LayerNorm2d to `out`, then `depth` VSS blocks."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 1, **ssm_kwargs) -> None:
+        super().__init__()
+        self.proj = Linear2d(in_dim, out_dim, bias=False)
+        self.norm = LayerNorm2d(out_dim)
+        self.blocks = nn.Sequential(*[VSSBlock(out_dim, **ssm_kwargs) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.norm(self.proj(x)))
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class _Decoder(nn.Module):
+    """Shared top-down path; subclasses provide `mixers` (deepest first) and the neck."""
+
+    def __init__(self, dims: list[int], hidden: int, make_mixer) -> None:
+        super().__init__()
+        deep_to_shallow = list(reversed(dims))
+        mixers = [make_mixer(deep_to_shallow[0], hidden)]
+        mixers += [make_mixer(d + hidden, hidden) for d in deep_to_shallow[1:-1]]
+        self.mixers = nn.ModuleList(mixers)
+        self.neck_in = nn.Sequential(
+            nn.Conv2d(hidden + dims[0], hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU()
+        )
+        self.neck_mid = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.head = nn.Conv2d(hidden, 1, 3, padding=1)
+
+    def forward(self, features: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        """features: [(B, C_1, h_1, w_1), ..., (B, C_4, h_4, w_4)] shallowest first -> (B, 1, H, W)."""
+        deep = list(reversed(features))
+        x = self.mixers[0](deep[0])
+        for mixer, skip in zip(self.mixers[1:], deep[1:-1]):
+            x = mixer(torch.cat([_resize(x, skip.shape[-2:]), skip], dim=1))
+        skip = deep[-1]
+        x = self.neck_in(torch.cat([_resize(x, skip.shape[-2:]), skip], dim=1))
+        half = ((out_size[0] + 1) // 2, (out_size[1] + 1) // 2)
+        x = self.neck_mid(_resize(x, half))
+        return self.head(_resize(x, out_size))
+
+
+class ConvDecoder(_Decoder):
+    """Authors' conv decoder; hidden width 4 x C_1 (512 for VMamba-B)."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__(dims, 4 * dims[0], ConvBlock)
+
+
+class MambaDecoder(_Decoder):
+    """The conv decoder's topology with VSS blocks as mixers."""
+
+    def __init__(self, dims: list[int], depth: int = 1, **ssm_kwargs) -> None:
+        super().__init__(dims, 4 * dims[0], lambda i, o: VSSMixer(i, o, depth=depth, **ssm_kwargs))
+
+
+def build_decoder(kind: str, dims: list[int], **ssm_kwargs) -> nn.Module:
+    if kind == "conv":
+        return ConvDecoder(dims)
+    if kind == "mamba":
+        return MambaDecoder(dims, **ssm_kwargs)
+    raise ValueError(f"unknown decoder {kind!r}; valid: {list(DECODERS)}")
