@@ -14,7 +14,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 def _dry_run(*args: str, cwd: Path = ROOT) -> str:
     out = subprocess.run(
-        [*SNAKEMAKE, "-n", "--cores", "1", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [*SNAKEMAKE, *args, "-n", "--cores", "1"], cwd=cwd, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout + out.stderr
@@ -43,7 +43,7 @@ def _isolated_checkout(tmp_path: Path) -> Path:
 
 def test_paper_matrix_plans_21_trainings_and_one_evaluation_per_model_and_split(tmp_path):
     wf = _isolated_checkout(tmp_path)
-    counts = _job_counts(_dry_run("--configfile", "params/paper.yaml", "all", cwd=wf))
+    counts = _job_counts(_dry_run("all", "--configfile", "params/paper.yaml", cwd=wf))
     # Table 1: 4 variants x 3 datasets = 12; Table 3: +4 (twister shared); Table 4: +2; Table 2: 3 at 480.
     assert counts["train"] == 21
     # splits: RefCOCO and RefCOCO+ 3 each, G-Ref 2 -> T1 4*8, T3 4*3, T4 2*3, T2 8
@@ -62,7 +62,7 @@ def test_demo_matrix_plans_the_same_jobs_on_synthetic_data(tmp_path):
 
 def test_slurm_profile_passes_a_dry_run(tmp_path):
     wf = _isolated_checkout(tmp_path)
-    counts = _job_counts(_dry_run("--profile", "workflow/profiles/slurm", "all", cwd=wf))
+    counts = _job_counts(_dry_run("all", "--profile", "workflow/profiles/slurm", cwd=wf))
     assert counts["train"] == 21
 
 

@@ -3,9 +3,11 @@ import os
 
 from remamber.config import ExperimentConfig
 
-# The CLI re-reads the same params file, so every job sees exactly what Snakemake validated.
-CONFIGFILE = os.path.relpath(workflow.configfiles[-1])
-EXP = ExperimentConfig.from_yaml(CONFIGFILE)
+# The CLI re-reads the same params file, so every job sees exactly what Snakemake validated. Snakemake
+# lists a --configfile given on the command line before the Snakefile's default (params/demo.yaml), and
+# the command line's wins: that is the one. One params file per run (overrides go into a params file).
+CONFIGFILE = os.path.relpath(workflow.configfiles[0])
+EXP = ExperimentConfig.from_yaml(CONFIGFILE, check_model=False)
 NAME = config["name"]
 RESULTS = config["results"]
 RAW = config["data"]["raw"]

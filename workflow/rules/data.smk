@@ -9,8 +9,8 @@ if config["data"]["source"] == "synthetic":
             seed=config["data"].get("synth_seed", 0),
             size=config["data"].get("synth_size") or "demo",
         conda:
-        "../envs/remamber.yaml"
-    log:
+            "../envs/remamber.yaml"
+        log:
             f"{LOGS}/synth.log",
         shell:
             "remamber synth --out {RAW} --seed {params.seed} --size {params.size} > {log} 2>&1"
@@ -24,8 +24,8 @@ else:
         output:
             f"{RAW}/archives/{{archive}}.zip",
         conda:
-        "../envs/remamber.yaml"
-    log:
+            "../envs/remamber.yaml"
+        log:
             f"{LOGS}/fetch/{{archive}}.log",
         retries: 2
         shell:
@@ -37,8 +37,8 @@ else:
         output:
             f"{RAW}/.extracted/{{archive}}.json",
         conda:
-        "../envs/remamber.yaml"
-    log:
+            "../envs/remamber.yaml"
+        log:
             f"{LOGS}/extract/{{archive}}.log",
         shell:
             "remamber extract {input} --dest {RAW} --marker {output} > {log} 2>&1"
