@@ -20,6 +20,9 @@ from remamber.data.preprocess import CountMismatchError, clean_sentence, data_ha
 from remamber.data.refer import (ReferError, UnsafePickleError, annotation_mask, decode_mask, load_refer,
                                  load_refs, safe_load_pickle)
 
+# pycocotools' compiled decode warns on every call under numpy 2; the tests use it as a reference
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 H = W = 20
 
 

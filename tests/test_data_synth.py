@@ -19,6 +19,9 @@ from remamber.data.preprocess import CountMismatchError, clean_sentence, preproc
 from remamber.data.refer import decode_mask, load_instances, load_refer
 from remamber.data.synth import COLOURS, LOCATION_WORDS, NOUNS, generate, polygons_rle, write_synthetic
 
+# pycocotools' compiled decode warns on every call under numpy 2; the tests use it as a reference
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SPLITS = {"refcoco": ("unc", {"train", "val", "testA", "testB"}), "refcoco+": ("unc", {"train", "val", "testA", "testB"}),
           "refcocog": ("umd", {"train", "val", "test"})}
 

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,14 @@ from pycocotools import mask as mask_utils
 MASK_MODES = ("union", "refer_eq1")
 REF_KEYS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
 SENTENCE_KEYS = ("raw", "sent_id")
+
+
+def rle_decode(rle: dict | list[dict]) -> np.ndarray:
+    """pycocotools decode (uint8 (H, W) for one RLE, (H, W, P) for a list), without the DeprecationWarning
+    its compiled code raises under numpy 2 on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"__array__ implementation", category=DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 class ReferError(ValueError):
@@ -182,14 +191,14 @@ def annotation_rle(segmentation: Any, height: int, width: int, mask_mode: str = 
         return parts[0]
     if mask_mode == "union":  # merge in RLE space: no decode needed
         return mask_utils.merge(parts, intersect=False)
-    total = mask_utils.decode(parts).astype(np.int32).sum(axis=2)  # (H, W) part count per pixel
+    total = rle_decode(parts).astype(np.int32).sum(axis=2)  # (H, W) part count per pixel
     return mask_utils.encode(np.asfortranarray((total == 1).astype(np.uint8)))
 
 
 def annotation_mask(segmentation: Any, height: int, width: int, mask_mode: str = "union",
                     where: str = "annotation") -> np.ndarray:
     """bool (H, W) mask of a COCO segmentation (see `annotation_rle` for the modes)."""
-    return mask_utils.decode(annotation_rle(segmentation, height, width, mask_mode, where)).astype(bool)
+    return rle_decode(annotation_rle(segmentation, height, width, mask_mode, where)).astype(bool)
 
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
@@ -200,7 +209,7 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
 
 def decode_mask(counts: str, height: int, width: int) -> np.ndarray:
     """COCO RLE counts string -> bool (H, W)."""
-    return mask_utils.decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
+    return rle_decode({"size": [height, width], "counts": counts.encode("ascii")}).astype(bool)
 
 
 def refs_path(data_root: str | os.PathLike, dataset: str, split_by: str) -> Path:
@@ -235,7 +244,7 @@ class ReferData:
 
     def ref_mask(self, ref: dict, mask_mode: str = "union") -> np.ndarray:
         """bool (H, W) mask of the ref's annotation; errors name the ref_id."""
-        return mask_utils.decode(self.ref_rle(ref, mask_mode)).astype(bool)
+        return rle_decode(self.ref_rle(ref, mask_mode)).astype(bool)
 
 
 def load_refer(data_root: str | os.PathLike, dataset: str, split_by: str) -> ReferData:
