@@ -8,6 +8,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 N_PROCS = 4
@@ -40,6 +41,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # ~20 s alone (four interpreters importing mlflow); more on a loaded machine
 def test_four_processes_one_sqlite_store(tmp_path: Path) -> None:
     db = tmp_path / "store" / "mlflow.db"
     uri = f"sqlite:///{db}"
