@@ -173,16 +173,16 @@ def test_text_blind_baselines_score_badly(demo):
         assert f["ground truth"] == 100.0
 
 
+
 def test_manifest_records_and_verifies_the_synthetic_folder(tmp_path):
     from remamber.data.manifest import verify_manifest, write_manifest
 
     write_synthetic(tmp_path, seed=0, size="tiny", progress=False)
-    manifest = write_manifest(tmp_path)
+    out = write_manifest(tmp_path)
+    entries = {e["path"]: e for e in json.loads(out.read_text())["files"]}
     refs = tmp_path / "refcoco" / "refs(unc).p"
-    assert manifest["files"]["refcoco/refs(unc).p"] == {"size": refs.stat().st_size,
-                                                        "sha256": hashlib.sha256(refs.read_bytes()).hexdigest()}
-    assert json.loads((tmp_path / "MANIFEST.json").read_text()) == manifest
-    verify_manifest(tmp_path)
+    assert entries["refcoco/refs(unc).p"]["sha256"] == hashlib.sha256(refs.read_bytes()).hexdigest()
+    assert len([k for k in entries if k.startswith("train2014/")]) == len(list((tmp_path / "train2014").iterdir()))
+    assert verify_manifest(tmp_path) == []
     refs.write_bytes(refs.read_bytes() + b"x")
-    with pytest.raises(ValueError, match=r"changed refcoco/refs\(unc\)\.p"):
-        verify_manifest(tmp_path)
+    assert any("refs(unc).p" in p for p in verify_manifest(tmp_path))

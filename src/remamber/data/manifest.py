@@ -1,5 +1,8 @@
-"""A manifest of a data folder: every file's relative path, size and sha256, written last and atomically,
-so its presence marks a complete folder (the Snakemake output of `remamber synth`)."""
+"""A manifest of every file below a data folder: written last, so its presence means the folder is whole.
+
+`MANIFEST.json` lists each file's relative path, size and sha256; `verify_manifest` re-hashes them. Its own
+sha256 is a stable content hash of the whole folder (used as the data hash of synthetic raw data).
+"""
 
 from __future__ import annotations
 
@@ -7,51 +10,45 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from remamber.data._io import atomic_write_json
-
-MANIFEST = "MANIFEST.json"
+MANIFEST_NAME = "MANIFEST.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _files(root: Path) -> dict[str, dict[str, Any]]:
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if not path.is_file() or rel == MANIFEST or path.name.endswith((".tmp", ".part")):
-            continue
-        out[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+def write_manifest(root: str | os.PathLike, name: str = MANIFEST_NAME) -> Path:
+    """Hash every regular file below `root` (except the manifest itself) into `root/name`, atomically."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such data folder to list in a manifest")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != name and not p.name.endswith(".tmp"))
+    entries = [
+        {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+    ]
+    out = root / name
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out)
     return out
 
 
-def write_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Write `root/MANIFEST.json` ({"files": {relpath: {size, sha256}}}, sorted); returns it."""
+def verify_manifest(root: str | os.PathLike, name: str = MANIFEST_NAME) -> list[str]:
+    """Return the problems found (missing files, size or checksum mismatches); empty when all is well."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder")
-    manifest = {"files": _files(root)}
-    atomic_write_json(root / MANIFEST, manifest)
-    return manifest
-
-
-def verify_manifest(root: str | os.PathLike) -> None:
-    """Raise ValueError naming every file that is missing, extra or changed relative to the manifest."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    expected = json.loads(path.read_text(encoding="utf-8"))["files"]
-    found = _files(root)
-    problems = [f"missing {k}" for k in sorted(expected.keys() - found.keys())]
-    problems += [f"unexpected {k}" for k in sorted(found.keys() - expected.keys())]
-    problems += [f"changed {k}" for k in sorted(expected.keys() & found.keys()) if expected[k] != found[k]]
-    if problems:
-        raise ValueError(f"{path}: folder does not match its manifest: " + "; ".join(problems[:20]))
+    manifest = root / name
+    if not manifest.is_file():
+        return [f"{manifest}: missing (the folder was never completed)"]
+    problems = []
+    for entry in json.loads(manifest.read_text())["files"]:
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: differs from {manifest}")
+    return problems
