@@ -7,6 +7,8 @@ active-run state), so several handles in one process and several processes on on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import re
 import subprocess
@@ -65,6 +67,13 @@ def _check_run_key(name: str, value: str) -> None:
         raise ValueError(
             f"{name} {value!r} must be a non-empty string of letters, digits and _ . : / @ = + -"
         )
+
+
+def _quiet_call(fn: Callable[..., T], *args: Any) -> T:
+    """Call ``fn`` with stdout captured: MLflow prints emoji "View run ... at" banners to stdout when
+    ending runs on a server store, which would clutter every pipeline log."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
 
 
 def _string_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -186,7 +195,7 @@ class RunHandle(_Handle):
         if status not in RUN_STATUSES:
             raise ValueError(f"run status must be one of {list(RUN_STATUSES)}, got {status!r}")
         client = self._tracker.client
-        self._call(lambda: client.set_terminated(self.run_id, status), "end")
+        self._call(lambda: _quiet_call(client.set_terminated, self.run_id, status), "end")
 
 
 class Tracker:
@@ -413,7 +422,7 @@ class Tracker:
                     parent_id = self._get_or_create_run(
                         experiment_id, parent_run_key, {}, {}, run_name=parent_run_key, resume=False
                     )
-                    self._retry(lambda: self.client.set_terminated(parent_id, "FINISHED"), "end parent")
+                    self._retry(lambda: _quiet_call(self.client.set_terminated, parent_id, "FINISHED"), "end parent")
                 else:
                     parent_id = parent.info.run_id
                 child_tags = {
