@@ -49,7 +49,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 def cmd_extract(args: argparse.Namespace) -> None:
     from remamber.data.fetch import extract
 
-    extract(args.archive, args.dest, marker=args.marker)
+    extract(args.archive, args.dest)
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
@@ -61,7 +61,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         args.out,
         split_by=args.split_by,
         mask_mode=args.mask_mode,
-        datasets_yaml=args.datasets_yaml,
+        expected_counts=args.expected_counts,
     )
 
 
@@ -198,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets-yaml", type=Path, default=Path("params/datasets.yaml"))
     p.set_defaults(func=cmd_fetch)
 
-    p = sub.add_parser("extract", help="extract a verified archive (refusing entries outside --dest)")
+    p = sub.add_parser(
+        "extract", help="extract a verified archive (refusing entries outside --dest); DEST/.NAME.extracted last"
+    )
     p.add_argument("archive", type=Path)
     p.add_argument("--dest", type=Path, required=True)
-    p.add_argument("--marker", type=Path, default=None, help="written last, once extraction succeeded")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("preprocess", help="refer files -> one parquet index per split")
@@ -210,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split-by", default=None)
     p.add_argument("--mask-mode", default="union", choices=["union", "refer_eq1"])
-    p.add_argument("--datasets-yaml", type=Path, default=Path("params/datasets.yaml"))
+    p.add_argument(
+        "--expected-counts",
+        type=Path,
+        default=None,
+        help="params/datasets.yaml for real data (default: the synthetic generator's synth_meta.json)",
+    )
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="train one model of the experiment matrix")

@@ -35,16 +35,16 @@ else:
         input:
             f"{RAW}/archives/{{archive}}.zip",
         output:
-            f"{RAW}/.extracted/{{archive}}.json",
+            f"{RAW}/.{{archive}}.zip.extracted",
         conda:
             "../envs/remamber.yaml"
         log:
             f"{LOGS}/extract/{{archive}}.log",
         shell:
-            "remamber extract {input} --dest {RAW} --marker {output} > {log} 2>&1"
+            "remamber extract {input} --dest {RAW} > {log} 2>&1"
 
     def raw_inputs(wildcards):
-        return [f"{RAW}/.extracted/{wildcards.dataset}.json", f"{RAW}/.extracted/train2014.json"]
+        return [f"{RAW}/.{wildcards.dataset}.zip.extracted", f"{RAW}/.train2014.zip.extracted"]
 
 
 rule preprocess:
@@ -56,13 +56,14 @@ rule preprocess:
         out=lambda wc: f"{PROCESSED}/{wc.dataset}",
         split_by=lambda wc: config["data"]["datasets"][wc.dataset]["split_by"],
         mask_mode=config["data"].get("mask_mode", "union"),
+        counts=EXPECTED_COUNTS,
     conda:
         "../envs/remamber.yaml"
     log:
         f"{LOGS}/preprocess/{{dataset}}.log",
     shell:
         "remamber preprocess --data-root {RAW} --dataset {wildcards.dataset} --split-by {params.split_by}"
-        " --mask-mode {params.mask_mode} --out {params.out} > {log} 2>&1"
+        " --mask-mode {params.mask_mode} {params.counts} --out {params.out} > {log} 2>&1"
 
 
 rule data_all:
