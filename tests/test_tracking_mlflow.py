@@ -26,6 +26,8 @@ CONFIG = {
     "name": "demo",
     "train": {"epochs": 3, "lr_new": 1.0e-3, "betas": [0.9, 0.999], "ema_decay": None, "amp": False},
     "model": {"backbone": "vmamba_demo"},
+    # a real dataset name MLflow refuses inside a param name: the store must accept the flattened key
+    "data": {"datasets": {"refcoco+": {"split_by": "unc"}}},
 }
 
 
@@ -74,6 +76,7 @@ def test_flatten_params() -> None:
     flat = flatten_params({"b": {"x": 1, "y": {"z": [1, 2.5]}, "e": {}}, "a": None, "c": True, "s": "text"})
     assert flat == {"a": "null", "b.e": "{}", "b.x": "1", "b.y.z": "[1, 2.5]", "c": "true", "s": "text"}
     assert list(flat) == sorted(flat)
+    assert flatten_params({"data": {"refcoco+": {"a b/c": 1}}}) == {"data.refcoco_plus.a b/c": "1"}
     with pytest.raises(ValueError, match="'long'"):
         flatten_params({"long": "x" * 6001})
 
@@ -109,6 +112,7 @@ def test_training_run_logs_params_metrics_tags_artifacts(store: str, tmp_path: P
     got = client.get_run(run.run_id)
     assert got.data.params == flatten_params(CONFIG)
     assert got.data.params["train.betas"] == "[0.9, 0.999]"
+    assert got.data.params["data.datasets.refcoco_plus.split_by"] == "unc"
     assert got.data.tags["remamber.run_key"] == "refcoco/twister/64"
     assert got.data.tags["remamber.data_hash"] == "abc"
     assert got.data.tags["remamber.best_epoch"] == "2"

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 # MLflow's limits (mlflow.utils.validation): longer values are refused or truncated by the store.
 MAX_PARAM_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
+# MLflow param names allow alphanumerics and `_-. :/` only; dataset names such as "refcoco+" do not fit.
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def _safe_key(key: str) -> str:
+    """`refcoco+` -> `refcoco_plus`; any other character MLflow refuses becomes `_`."""
+    return _UNSAFE_KEY_CHARS.sub("_", key.replace("+", "_plus"))
 
 
 def _format_value(value: Any) -> str:
@@ -25,7 +33,8 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
     Mappings recurse with "." joined keys (an empty mapping becomes ``"{}"``); lists, None and bools
     are JSON-encoded. Keys come out sorted so logging order is stable. A key or value longer than
-    MLflow accepts is an error naming the key (values are never silently truncated).
+    MLflow accepts is an error naming the key (values are never silently truncated). Characters MLflow
+    refuses in names are replaced (`refcoco+` -> `refcoco_plus`).
     """
     if not isinstance(nested, Mapping):
         raise TypeError(f"flatten_params expects a mapping, got {type(nested).__name__}")
@@ -33,7 +42,7 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
     for key in nested:
         if not isinstance(key, str):
             raise TypeError(f"param key {key!r} under {prefix or '<root>'!r} is not a string")
-        full_key = f"{prefix}.{key}" if prefix else key
+        full_key = f"{prefix}.{_safe_key(key)}" if prefix else _safe_key(key)
         value = nested[key]
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, full_key))
