@@ -1,19 +1,26 @@
 """Selective scan on CPU: numba kernels with a hand-written backward (the reverse scan).
 
-Layout inside the kernels (all C-contiguous, compute dtype fp32 or fp64):
-    u, delta, z, out: (batch, dim, L);  A: (dim, N);  D, delta_bias: (dim,)
-    B, C: (Bb, G, LB, N) with Bb in {1, batch}, LB in {1, L}; channel d reads group d // (dim // G).
-          shared (dim, N) -> (1, dim, 1, N); per-step (batch, N, L) -> (batch, 1, L, N);
-          grouped (batch, G, N, L) -> (batch, G, L, N). Time before state so the inner N loop is contiguous.
+Per channel d of batch b, with dt = softplus(delta + delta_bias) (or its variants):
+    h[l, n] = exp(dt[l] * A[d, n]) * h[l-1, n] + dt[l] * u[l] * B[n, l],   h[-1] = 0
+    out[l]  = sum_n C[n, l] * h[l, n] + D[d] * u[l]          (the gate * silu(z) is applied in PyTorch)
 
-Memory choice for backward: the forward keeps only the state every K = CHUNK steps
-(checkpoints (batch, dim, ceil(L/K), N), i.e. 1/K of the full state history). The backward re-runs the
-forward from each checkpoint into a K-step buffer, then walks that chunk in reverse. Cost: one extra
-forward; memory: O(L/K) per channel instead of O(L).
+Kernel layout (C-contiguous, compute dtype fp32 or fp64):
+    u, delta, out: (batch, dim, L);  A: (dim, N);  D, delta_bias: (dim,)
+    B, C: (Bb, G, N, LB), Bb in {1, batch}, LB in {1, L}; channel d reads group d // (dim // G):
+          shared (dim, N) -> (1, dim, N, 1); per step (batch, N, L) -> (batch, 1, N, L); grouped as given.
 
-Parallelism: forward over batch x dim rows. Backward over work items (batch, group, slice of channels):
-each item owns a private accumulation slot for per-step/grouped dB, dC (summed afterwards, in a fixed
-order), so there are no write races and results do not depend on thread scheduling.
+Speed: channels are processed in blocks of R rows (R*N ~ LANES independent recurrence chains, so the
+sequential part is throughput- rather than latency-bound) and in chunks of K = CHUNK steps: per chunk,
+dt, exp(dt*A) and dt*u*B are computed in loops LLVM vectorises (`_fastmath`), then the short recurrence
+runs over the chunk buffers.
+
+Memory for backward: the forward keeps only the state at each chunk start (checkpoints
+(batch, dim, ceil(L/K), N), 1/K of the state history). The backward recomputes a chunk's states from
+its checkpoint, then walks the chunk in reverse: one extra forward of compute, O(L/K) state memory.
+
+Parallelism: forward over (batch, row block). Backward over work items (batch, group, slice of
+channels): each item owns a private slot for per-step dB, dC sums (added afterwards in a fixed order),
+so there are no write races, and the split depends only on shapes: results are bit-reproducible.
 """
 
 from __future__ import annotations
@@ -22,85 +29,163 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from numba import njit, prange
 
+from ._fastmath import vexp, vsigmoid, vsoftplus
 from .scan_torch import compute_dtype
 
-__all__ = ["selective_scan_cpu", "CHUNK"]
+__all__ = ["selective_scan_cpu", "CHUNK", "LANES"]
 
-CHUNK = 64  # checkpoint interval (steps) of the forward states kept for backward
-_TARGET_ITEMS = 32  # backward work items; fixed (not thread-dependent) so sums are reproducible
-
-
-@njit(inline="always")
-def _softplus(x):
-    # same threshold as torch.nn.functional.softplus and the mamba CUDA kernel
-    return x if x > 20.0 else math.log1p(math.exp(x))
+CHUNK = 64  # steps per chunk: checkpoint interval and length of the vector buffers
+LANES = 16  # target number of independent recurrence chains (rows x states) per block
+_TARGET_ITEMS = 32  # backward work items; fixed (not thread-count dependent) so sums are reproducible
 
 
-@njit(inline="always")
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
+def _rows_per_block(n_state: int) -> int:
+    return max(1, LANES // n_state)
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _scan_fwd(u, delta, A, B, C, D, z, bias, has_D, has_z, has_bias, softplus, K, out, ckpt, last):
-    """out (batch, dim, L); ckpt (batch, dim, ceil(L/K), N) state before each chunk; last (batch, dim, N)."""
+@njit(inline="always", error_model="numpy")
+def _block_inputs(bi, d0, R, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, need_sig,
+                  dtbuf, dtubuf, sgbuf, abuf, xbuf):
+    """For rows d0..d0+R-1, steps l0..l0+T-1: dtbuf[r,t] = dt, dtubuf[r,t] = dt*u, sgbuf[r,t] = sigmoid
+    of the pre-softplus value (if need_sig), abuf[r*N+n, t] = exp(dt*A), xbuf[r*N+n, t] = dt*u*B."""
+    N = A.shape[1]
+    dim = u.shape[1]
+    dpg_b = dim // B.shape[1]
+    for r in range(R):
+        d = d0 + r
+        bd = bias[d]  # zeros when there is no bias (keeps the compute dtype; no float64 promotion)
+        u_row = u[bi, d]
+        x_row = delta[bi, d]
+        if softplus:
+            for t in range(T):
+                v = vsoftplus(x_row[l0 + t] + bd)
+                dtbuf[r, t] = v
+                dtubuf[r, t] = v * u_row[l0 + t]
+            if need_sig:
+                for t in range(T):
+                    sgbuf[r, t] = vsigmoid(x_row[l0 + t] + bd)
+        else:
+            for t in range(T):
+                v = x_row[l0 + t] + bd
+                dtbuf[r, t] = v
+                dtubuf[r, t] = v * u_row[l0 + t]
+        Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]  # (N, LB)
+        for n in range(N):
+            k = r * N + n
+            an = A[d, n]
+            for t in range(T):
+                abuf[k, t] = vexp(dtbuf[r, t] * an)
+            if var_lb:
+                for t in range(T):
+                    xbuf[k, t] = dtubuf[r, t] * Bm[n, l0 + t]
+            else:
+                bn = Bm[n, 0]
+                for t in range(T):
+                    xbuf[k, t] = dtubuf[r, t] * bn
+
+
+@njit(inline="always", error_model="numpy")
+def _sum(buf, T):
+    """sum(buf[:T]) in float64 with 8 interleaved partial sums (fixed order: reproducible, and not
+    one long dependent add chain)."""
+    p = np.zeros(8, dtype=np.float64)
+    full = T - T % 8
+    for t in range(0, full, 8):
+        for j in range(8):
+            p[j] += buf[t + j]
+    for t in range(full, T):
+        p[t - full] += buf[t]
+    return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
+
+
+@njit(inline="always", error_model="numpy")
+def _block_states(lanes, T, abuf, xbuf, hbuf):
+    """hbuf[:, 0] holds the chunk's start states; hbuf[k, t+1] = abuf[k, t] * hbuf[k, t] + xbuf[k, t]."""
+    for t in range(T):
+        for k in range(lanes):
+            hbuf[k, t + 1] = abuf[k, t] * hbuf[k, t] + xbuf[k, t]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _scan_fwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, out, ckpt, last):
+    """out (batch, dim, L); ckpt (batch, dim, ceil(L/K), N) chunk start states; last (batch, dim, N)."""
     batch, dim, L = u.shape
     N = A.shape[1]
-    dpg_b = dim // B.shape[1]
+    n_chunks = ckpt.shape[2]
     dpg_c = dim // C.shape[1]
-    var_lb = B.shape[2] > 1
-    var_lc = C.shape[2] > 1
-    for row in prange(batch * dim):
-        bi = row // dim
-        d = row % dim
-        Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]  # (LB, N)
-        Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
-        Ad = A[d]
-        h = np.zeros(N, dtype=u.dtype)
-        for l in range(L):
-            if l % K == 0:
-                ckpt[bi, d, l // K, :] = h
-            dt = delta[bi, d, l]
-            if has_bias:
-                dt = dt + bias[d]
-            if softplus:
-                dt = _softplus(dt)
-            uu = u[bi, d, l]
-            dtu = dt * uu
-            lb = l if var_lb else 0
-            lc = l if var_lc else 0
-            y = 0.0
+    var_lb = B.shape[3] > 1
+    var_lc = C.shape[3] > 1
+    blocks = -(-dim // R)
+    for job in prange(batch * blocks):
+        bi = job // blocks
+        d0 = (job % blocks) * R
+        Rb = min(R, dim - d0)
+        lanes = Rb * N
+        dtbuf = np.empty((R, K), dtype=u.dtype)
+        dtubuf = np.empty((R, K), dtype=u.dtype)
+        abuf = np.empty((R * N, K), dtype=u.dtype)
+        xbuf = np.empty((R * N, K), dtype=u.dtype)
+        hbuf = np.zeros((R * N, K + 1), dtype=u.dtype)
+        ybuf = np.empty(K, dtype=u.dtype)
+        for c in range(n_chunks):
+            l0 = c * K
+            T = min(L, l0 + K) - l0
+            for r in range(Rb):
+                for n in range(N):
+                    ckpt[bi, d0 + r, c, n] = hbuf[r * N + n, 0]
+            _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, False,
+                          dtbuf, dtubuf, dtbuf, abuf, xbuf)
+            _block_states(lanes, T, abuf, xbuf, hbuf)
+            for r in range(Rb):
+                d = d0 + r
+                u_row = u[bi, d]
+                Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
+                if has_D:
+                    dd = D[d]
+                    for t in range(T):
+                        ybuf[t] = dd * u_row[l0 + t]
+                else:
+                    ybuf[:T] = 0.0
+                for n in range(N):
+                    k = r * N + n
+                    if var_lc:
+                        for t in range(T):
+                            ybuf[t] += hbuf[k, t + 1] * Cm[n, l0 + t]
+                    else:
+                        cn = Cm[n, 0]
+                        for t in range(T):
+                            ybuf[t] += hbuf[k, t + 1] * cn
+                out_row = out[bi, d]
+                for t in range(T):
+                    out_row[l0 + t] = ybuf[t]
+            for k in range(lanes):
+                hbuf[k, 0] = hbuf[k, T]
+        for r in range(Rb):
             for n in range(N):
-                h[n] = math.exp(dt * Ad[n]) * h[n] + dtu * Bm[lb, n]
-                y += h[n] * Cm[lc, n]
-            if has_D:
-                y += D[d] * uu
-            if has_z:
-                zz = z[bi, d, l]
-                y *= zz * _sigmoid(zz)
-            out[bi, d, l] = y
-        last[bi, d, :] = h
+                last[bi, d0 + r, n] = hbuf[r * N + n, 0]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _scan_bwd(u, delta, A, B, C, D, z, bias, has_D, has_z, has_bias, softplus, K, ckpt,
-              gout, glast, has_glast, shared_b, shared_c, groups, slices,
-              du, ddelta, dz, dA_part, dD_part, dbias_part, dB_buf, dC_buf):
-    """Reverse scan. Work item i = (bi, group, slice) covers channels of one group of `groups`.
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt, gout, glast, has_glast,
+              shared_b, shared_c, groups, slices, du, ddelta, dA_part, dD_part, dB_buf, dC_buf):
+    """Reverse scan. Work item = (bi, group, slice): a run of channels inside one group of `groups`,
+    processed in blocks of R rows.
 
-    dA_part, dD_part, dbias_part: per (batch, dim) partial sums (reduced over batch by the caller).
-    dB_buf/dC_buf: (slots, LB, N) where slot = bi*dim + d for shared B/C, else the work item.
+    ddelta: gradient w.r.t. delta (before bias/softplus; the bias gradient is its sum over batch, L).
+    dA_part (batch, dim, N), dD_part (batch, dim): per-row sums, reduced over batch by the caller.
+    dB_buf / dC_buf (slots, N, LB): slot bi*dim + d for shared B/C, else the work item.
     """
     batch, dim, L = u.shape
     N = A.shape[1]
     n_chunks = ckpt.shape[2]
     dpg = dim // groups
-    dpg_b = dim // B.shape[1]
     dpg_c = dim // C.shape[1]
-    var_lb = B.shape[2] > 1
-    var_lc = C.shape[2] > 1
+    dpg_b = dim // B.shape[1]
+    var_lb = B.shape[3] > 1
+    var_lc = C.shape[3] > 1
     for item_u in prange(batch * groups * slices):
         item = np.int64(item_u)  # the parfor index may be unsigned; keep slot arithmetic in int64
         bi = item // (groups * slices)
@@ -108,122 +193,147 @@ def _scan_bwd(u, delta, A, B, C, D, z, bias, has_D, has_z, has_bias, softplus, K
         s = item % slices
         d_lo = gp * dpg + (s * dpg) // slices
         d_hi = gp * dpg + ((s + 1) * dpg) // slices
-        hbuf = np.empty((K + 1, N), dtype=u.dtype)
-        abuf = np.empty((K, N), dtype=u.dtype)
-        dtbuf = np.empty(K, dtype=u.dtype)
-        sgbuf = np.empty(K, dtype=u.dtype)
-        ybuf = np.empty(K, dtype=u.dtype)
-        g = np.empty(N, dtype=u.dtype)
-        dA_acc = np.empty(N, dtype=np.float64)
-        for d in range(d_lo, d_hi):
-            Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]
-            Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
-            dBm = dB_buf[bi * dim + d if shared_b else item]
-            dCm = dC_buf[bi * dim + d if shared_c else item]
-            Ad = A[d]
-            for n in range(N):
-                g[n] = glast[bi, d, n] if has_glast else 0.0
-                dA_acc[n] = 0.0
-            dD_acc = 0.0
-            dbias_acc = 0.0
+        dtbuf = np.empty((R, K), dtype=u.dtype)
+        dtubuf = np.empty((R, K), dtype=u.dtype)
+        sgbuf = np.empty((R, K), dtype=u.dtype)
+        abuf = np.empty((R * N, K), dtype=u.dtype)
+        xbuf = np.empty((R * N, K), dtype=u.dtype)
+        hbuf = np.empty((R * N, K + 1), dtype=u.dtype)
+        cbuf = np.empty((R * N, K), dtype=u.dtype)
+        gbuf = np.empty((R * N, K), dtype=u.dtype)  # dLoss/dh[k, t] with later steps folded in
+        gobuf = np.empty((R, K), dtype=u.dtype)
+        dubuf = np.empty((R, K), dtype=u.dtype)
+        ddtbuf = np.empty((R, K), dtype=u.dtype)
+        qbuf = np.empty(K, dtype=u.dtype)
+        qbuf2 = np.empty(K, dtype=u.dtype)
+        g = np.empty(R * N, dtype=u.dtype)
+        dA_acc = np.empty(R * N, dtype=np.float64)
+        dD_acc = np.empty(R, dtype=np.float64)
+        for d0 in range(d_lo, d_hi, R):
+            Rb = min(R, d_hi - d0)
+            lanes = Rb * N
+            for r in range(Rb):
+                dD_acc[r] = 0.0
+                for n in range(N):
+                    g[r * N + n] = glast[bi, d0 + r, n] if has_glast else 0.0
+                    dA_acc[r * N + n] = 0.0
             for c in range(n_chunks - 1, -1, -1):
                 l0 = c * K
                 T = min(L, l0 + K) - l0
-                # re-run the forward over this chunk from its checkpoint
-                for n in range(N):
-                    hbuf[0, n] = ckpt[bi, d, c, n]
-                for t in range(T):
-                    l = l0 + t
-                    dt = delta[bi, d, l]
-                    if has_bias:
-                        dt = dt + bias[d]
-                    if softplus:
-                        sgbuf[t] = 1.0 if dt > 20.0 else _sigmoid(dt)
-                        dt = _softplus(dt)
-                    dtbuf[t] = dt
-                    dtu = dt * u[bi, d, l]
-                    lb = l if var_lb else 0
-                    lc = l if var_lc else 0
-                    y = 0.0
+                for r in range(Rb):
                     for n in range(N):
-                        a = math.exp(dt * Ad[n])
-                        abuf[t, n] = a
-                        hbuf[t + 1, n] = a * hbuf[t, n] + dtu * Bm[lb, n]
-                        y += hbuf[t + 1, n] * Cm[lc, n]
-                    ybuf[t] = y
-                # walk it backwards; g[n] = dLoss/dh[l, n] (future steps already folded in)
+                        hbuf[r * N + n, 0] = ckpt[bi, d0 + r, c, n]
+                _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, True,
+                              dtbuf, dtubuf, sgbuf, abuf, xbuf)
+                _block_states(lanes, T, abuf, xbuf, hbuf)
+                for r in range(Rb):
+                    d = d0 + r
+                    dd = D[d]  # zeros when there is no D
+                    go_row = gout[bi, d]
+                    u_row = u[bi, d]
+                    for t in range(T):
+                        gobuf[r, t] = go_row[l0 + t]
+                        dubuf[r, t] = gobuf[r, t] * dd
+                        ddtbuf[r, t] = 0.0
+                        qbuf[t] = gobuf[r, t] * u_row[l0 + t]
+                    dD_acc[r] += _sum(qbuf, T)
+                    Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
+                    for n in range(N):
+                        k = r * N + n
+                        if var_lc:
+                            for t in range(T):
+                                cbuf[k, t] = Cm[n, l0 + t]
+                        else:
+                            cn = Cm[n, 0]
+                            for t in range(T):
+                                cbuf[k, t] = cn
+                # sequential part: the adjoint recurrence, all lanes of the block interleaved
                 for t in range(T - 1, -1, -1):
-                    l = l0 + t
-                    go = gout[bi, d, l]
-                    uu = u[bi, d, l]
-                    dt = dtbuf[t]
-                    if has_z:
-                        zz = z[bi, d, l]
-                        sz = _sigmoid(zz)
-                        pre = ybuf[t] + D[d] * uu if has_D else ybuf[t]
-                        dz[bi, d, l] = go * pre * sz * (1.0 + zz * (1.0 - sz))
-                        go = go * zz * sz
-                    duu = 0.0
-                    if has_D:
-                        dD_acc += go * uu
-                        duu = go * D[d]
-                    lb = l if var_lb else 0
-                    lc = l if var_lc else 0
-                    ddt = 0.0
+                    for r in range(Rb):
+                        go = gobuf[r, t]
+                        for n in range(N):
+                            k = r * N + n
+                            gn = g[k] + go * cbuf[k, t]
+                            gbuf[k, t] = gn
+                            g[k] = gn * abuf[k, t]
+                # vectorisable part: gradients of the chunk
+                for r in range(Rb):
+                    d = d0 + r
+                    u_row = u[bi, d]
+                    Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]
+                    dBm = dB_buf[bi * dim + d if shared_b else item]
+                    dCm = dC_buf[bi * dim + d if shared_c else item]
                     for n in range(N):
-                        gn = g[n] + go * Cm[lc, n]
-                        dCm[lc, n] += go * hbuf[t + 1, n]
-                        bv = Bm[lb, n]
-                        dBm[lb, n] += gn * dt * uu
-                        duu += gn * dt * bv
-                        gpa = gn * hbuf[t, n] * abuf[t, n]  # d/d(dt*A) of the decay term
-                        ddt += gn * bv * uu + gpa * Ad[n]
-                        dA_acc[n] += gpa * dt
-                        g[n] = gn * abuf[t, n]
+                        k = r * N + n
+                        an = A[d, n]
+                        if var_lc:
+                            for t in range(T):
+                                dCm[n, l0 + t] += gobuf[r, t] * hbuf[k, t + 1]
+                        else:
+                            for t in range(T):
+                                qbuf[t] = gobuf[r, t] * hbuf[k, t + 1]
+                            dCm[n, 0] += _sum(qbuf, T)
+                        if var_lb:
+                            for t in range(T):
+                                gn = gbuf[k, t]
+                                bv = Bm[n, l0 + t]
+                                dBm[n, l0 + t] += gn * dtubuf[r, t]
+                                dubuf[r, t] += gn * dtbuf[r, t] * bv
+                                q = gn * hbuf[k, t] * abuf[k, t]  # dLoss / d(dt*A) through the decay
+                                ddtbuf[r, t] += gn * bv * u_row[l0 + t] + q * an
+                                qbuf[t] = q * dtbuf[r, t]
+                        else:
+                            bv = Bm[n, 0]
+                            for t in range(T):
+                                gn = gbuf[k, t]
+                                dubuf[r, t] += gn * dtbuf[r, t] * bv
+                                q = gn * hbuf[k, t] * abuf[k, t]
+                                ddtbuf[r, t] += gn * bv * u_row[l0 + t] + q * an
+                                qbuf[t] = q * dtbuf[r, t]
+                                qbuf2[t] = gn * dtubuf[r, t]
+                            dBm[n, 0] += _sum(qbuf2, T)
+                        dA_acc[k] += _sum(qbuf, T)
+                    du_row = du[bi, d]
+                    ddelta_row = ddelta[bi, d]
+                    for t in range(T):
+                        du_row[l0 + t] = dubuf[r, t]
                     if softplus:
-                        ddt *= sgbuf[t]
-                    ddelta[bi, d, l] = ddt
-                    dbias_acc += ddt
-                    du[bi, d, l] = duu
-            for n in range(N):
-                dA_part[bi, d, n] = dA_acc[n]
-            dD_part[bi, d] = dD_acc
-            dbias_part[bi, d] = dbias_acc
+                        for t in range(T):
+                            ddelta_row[l0 + t] = ddtbuf[r, t] * sgbuf[r, t]
+                    else:
+                        for t in range(T):
+                            ddelta_row[l0 + t] = ddtbuf[r, t]
+            for r in range(Rb):
+                dD_part[bi, d0 + r] = dD_acc[r]
+                for n in range(N):
+                    dA_part[bi, d0 + r, n] = dA_acc[r * N + n]
 
 
-def _bc_kernel_layout(X: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
-    """B/C from the public layout to the kernel layout (Bb, G, LB, N), contiguous, compute dtype."""
-    X = X.detach().to(ct)
+def _bc_kernel_layout(X: torch.Tensor) -> torch.Tensor:
+    """B/C from the public layout to the kernel layout (Bb, G, N, LB), contiguous."""
     if X.dim() == 2:
-        X = X[None, :, None, :]
+        X = X[None, :, :, None]
     elif X.dim() == 3:
-        X = X.transpose(1, 2)[:, None]
-    else:
-        X = X.transpose(2, 3)
-    return X.contiguous()
+        X = X[:, None]
+    return X.detach().contiguous()
 
 
-def _bc_grad_to_public(gk: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Inverse of `_bc_kernel_layout` for a gradient (Bb, G, LB, N) -> public shape."""
-    if len(shape) == 2:
-        return gk[0, :, 0, :]
-    if len(shape) == 3:
-        return gk[:, 0].transpose(1, 2)
-    return gk.transpose(2, 3)
-
-
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
+def _bc_grad_to_public(gk: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Inverse of `_bc_kernel_layout` for a gradient (Bb, G, N, LB) -> public shape."""
+    if ndim == 2:
+        return gk[0, :, :, 0]
+    if ndim == 3:
+        return gk[:, 0]
+    return gk
 
 
 def _work_split(batch: int, dim: int, g_b: int | None, g_c: int | None) -> tuple[int, int]:
-    """(groups, slices) of the backward partition: items never straddle a B or C group."""
+    """(groups, slices) of the backward partition: items never straddle a group of a per-step B or C."""
     groups = 1
     for g in (g_b, g_c):
         if g is not None:
-            groups = _lcm(groups, g)
-    per_group = dim // groups
-    slices = max(1, min(per_group, -(-_TARGET_ITEMS // (batch * groups))))
+            groups = groups * g // math.gcd(groups, g)
+    slices = max(1, min(dim // groups, -(-_TARGET_ITEMS // (batch * groups))))
     return groups, slices
 
 
@@ -231,94 +341,83 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-class _SelectiveScanCPU(torch.autograd.Function):
+class _ScanCore(torch.autograd.Function):
+    """(u, delta, A, B, C, D, delta_bias) -> (sum_n C h + D u, last_state); one compute dtype, public
+    B/C layout; dt = softplus(delta + delta_bias) when `softplus`."""
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ct = compute_dtype(u.dtype)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, softplus):
         batch, dim, length = u.shape
         n = A.shape[1]
-        dummy = torch.zeros(1, dtype=ct)
-        uc, dc, Ac = (t.detach().to(ct).contiguous() for t in (u, delta, A))
-        Bk, Ck = _bc_kernel_layout(B, ct), _bc_kernel_layout(C, ct)
-        Dc = dummy if D is None else D.detach().to(ct).contiguous()
-        zc = dummy.reshape(1, 1, 1) if z is None else z.detach().to(ct).contiguous()
-        bc = dummy if delta_bias is None else delta_bias.detach().to(ct).contiguous()
-        out = torch.empty(batch, dim, length, dtype=ct)
-        ckpt = torch.empty(batch, dim, -(-length // CHUNK), n, dtype=ct)
-        last = torch.empty(batch, dim, n, dtype=ct)
-        _scan_fwd(_np(uc), _np(dc), _np(Ac), _np(Bk), _np(Ck), _np(Dc), _np(zc), _np(bc),
-                  D is not None, z is not None, delta_bias is not None, bool(delta_softplus), CHUNK,
-                  out.numpy(), ckpt.numpy(), last.numpy())
-        ctx.save_for_backward(uc, dc, Ac, Bk, Ck, Dc, zc, bc, ckpt)
-        ctx.flags = (D is not None, z is not None, delta_bias is not None, bool(delta_softplus))
-        ctx.meta = dict(
-            dtypes=[None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias)],
-            b_shape=B.shape, c_shape=C.shape,
-        )
-        out = out.to(u.dtype)
-        if return_last_state:
-            return out, last
-        return out
+        has_D, has_bias = D is not None, delta_bias is not None
+        zeros = torch.zeros(dim, dtype=u.dtype)  # absent D / bias read as zeros: one code path, one dtype
+        Dk = D.detach().contiguous() if has_D else zeros
+        bk = delta_bias.detach().contiguous() if has_bias else zeros
+        uk, xk, Ak = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
+        Bk, Ck = _bc_kernel_layout(B), _bc_kernel_layout(C)
+        out = torch.empty(batch, dim, length, dtype=u.dtype)
+        ckpt = torch.empty(batch, dim, -(-length // CHUNK), n, dtype=u.dtype)
+        last = torch.empty(batch, dim, n, dtype=u.dtype)
+        _scan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
+                  CHUNK, _rows_per_block(n), out.numpy(), ckpt.numpy(), last.numpy())
+        ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ckpt)
+        ctx.flags = (has_D, has_bias, softplus)
+        ctx.bc_ndim = (B.dim(), C.dim())
+        return out, last
 
     @staticmethod
-    def backward(ctx, gout, glast=None):
-        uc, dc, Ac, Bk, Ck, Dc, zc, bc, ckpt = ctx.saved_tensors
-        has_D, has_z, has_bias, softplus = ctx.flags
-        meta = ctx.meta
-        ct = uc.dtype
-        batch, dim, length = uc.shape
-        n = Ac.shape[1]
-        shared_b, shared_c = len(meta["b_shape"]) == 2, len(meta["c_shape"]) == 2
+    def backward(ctx, gout, glast):
+        uk, xk, Ak, Bk, Ck, Dk, bk, ckpt = ctx.saved_tensors
+        has_D, has_bias, softplus = ctx.flags
+        ct = uk.dtype
+        batch, dim, length = uk.shape
+        n = Ak.shape[1]
+        b_ndim, c_ndim = ctx.bc_ndim
+        shared_b, shared_c = b_ndim == 2, c_ndim == 2
         groups, slices = _work_split(batch, dim, None if shared_b else Bk.shape[1], None if shared_c else Ck.shape[1])
         items = batch * groups * slices
-        gout = gout.detach().to(ct).contiguous()
+        gout = torch.zeros_like(uk) if gout is None else gout.detach().to(ct).contiguous()
         has_glast = glast is not None
-        glast_c = glast.detach().to(ct).contiguous() if has_glast else torch.zeros(1, 1, 1, dtype=ct)
+        glast_k = glast.detach().to(ct).contiguous() if has_glast else torch.zeros(1, 1, 1, dtype=ct)
 
-        du = torch.empty_like(uc)
-        ddelta = torch.empty_like(dc)
-        dz = torch.empty_like(zc) if has_z else torch.zeros(1, 1, 1, dtype=ct)
+        du = torch.empty_like(uk)
+        ddelta = torch.empty_like(xk)
         dA_part = torch.empty(batch, dim, n, dtype=ct)
         dD_part = torch.empty(batch, dim, dtype=ct)
-        dbias_part = torch.empty(batch, dim, dtype=ct)
-        dB_buf = torch.zeros(batch * dim if shared_b else items, Bk.shape[2], n, dtype=ct)
-        dC_buf = torch.zeros(batch * dim if shared_c else items, Ck.shape[2], n, dtype=ct)
-        _scan_bwd(_np(uc), _np(dc), _np(Ac), _np(Bk), _np(Ck), _np(Dc), _np(zc), _np(bc),
-                  has_D, has_z, has_bias, softplus, CHUNK, _np(ckpt),
-                  _np(gout), _np(glast_c), has_glast, shared_b, shared_c, groups, slices,
-                  du.numpy(), ddelta.numpy(), dz.numpy(), dA_part.numpy(), dD_part.numpy(),
-                  dbias_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
+        dB_buf = torch.zeros(batch * dim if shared_b else items, n, Bk.shape[3], dtype=ct)
+        dC_buf = torch.zeros(batch * dim if shared_c else items, n, Ck.shape[3], dtype=ct)
+        _scan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
+                  CHUNK, _rows_per_block(n), _np(ckpt), _np(gout), _np(glast_k), has_glast,
+                  shared_b, shared_c, groups, slices,
+                  du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
 
-        def reduce_bc(buf: torch.Tensor, kernel_shape: torch.Size, shared: bool) -> torch.Tensor:
+        def reduce_bc(buf: torch.Tensor, kshape: torch.Size, shared: bool) -> torch.Tensor:
             if shared:  # slots are (batch, dim): sum over batch
-                return buf.reshape(batch, dim, 1, n).sum(0, keepdim=True)
-            g = kernel_shape[1]
-            per = buf.reshape(batch, g, (groups // g) * slices, buf.shape[1], n).sum(2)
-            return per if kernel_shape[0] == batch else per.sum(0, keepdim=True)
+                return buf.reshape(batch, dim, n, 1).sum(0, keepdim=True)
+            g = kshape[1]
+            per = buf.reshape(batch, g, (groups // g) * slices, n, buf.shape[2]).sum(2)
+            return per if kshape[0] == batch else per.sum(0, keepdim=True)
 
-        dB = _bc_grad_to_public(reduce_bc(dB_buf, Bk.shape, shared_b), meta["b_shape"])
-        dC = _bc_grad_to_public(reduce_bc(dC_buf, Ck.shape, shared_c), meta["c_shape"])
-        dt_u, dt_delta, dt_A, dt_B, dt_C, dt_D, dt_z, dt_bias = meta["dtypes"]
-        need = ctx.needs_input_grad
-        return (
-            du.to(dt_u) if need[0] else None,
-            ddelta.to(dt_delta) if need[1] else None,
-            dA_part.sum(0).to(dt_A) if need[2] else None,
-            dB.to(dt_B) if need[3] else None,
-            dC.to(dt_C) if need[4] else None,
-            dD_part.sum(0).to(dt_D) if has_D and need[5] else None,
-            dz.to(dt_z) if has_z and need[6] else None,
-            dbias_part.sum(0).to(dt_bias) if has_bias and need[7] else None,
-            None,
-            None,
-        )
+        dB = _bc_grad_to_public(reduce_bc(dB_buf, Bk.shape, shared_b), b_ndim)
+        dC = _bc_grad_to_public(reduce_bc(dC_buf, Ck.shape, shared_c), c_ndim)
+        dD = dD_part.sum(0) if has_D else None
+        dbias = ddelta.sum((0, 2)) if has_bias else None
+        return du, ddelta, dA_part.sum(0), dB, dC, dD, dbias, None
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """Selective scan with the numba CPU kernel (shapes already validated by `selective_scan`).
 
-    Same arguments and returns as `remamber.ops.selective_scan`; differentiable through a
-    hand-written reverse scan. last_state is returned in the compute dtype (fp32, or fp64 for fp64 u).
+    Same arguments and returns as `remamber.ops.selective_scan`. Half precision is computed in fp32,
+    fp64 in fp64; out has u's dtype, last_state the compute dtype.
     """
-    return _SelectiveScanCPU.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
+    dtype_in = u.dtype
+    ct = compute_dtype(dtype_in)
+    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731  (differentiable casts)
+    out, last = _ScanCore.apply(cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(delta_bias),
+                                bool(delta_softplus))
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    out = out.to(dtype_in)
+    return (out, last) if return_last_state else out

@@ -61,21 +61,26 @@ def linear_scan_chunked(a_log: torch.Tensor, x: torch.Tensor, chunk: int | None 
     x = x.reshape(b, d, n_chunks, t, n)
     decay = torch.exp(a_log)
 
-    # 1) scan every chunk from a zero state, all chunks in parallel: T steps on (b, d, chunks, N)
-    h = x[:, :, :, 0]
+    # 1) scan every chunk from a zero state, all chunks in parallel: T steps on (b, d, chunks, N).
+    #    unbind (not indexing) so autograd writes each step's gradient once, not a full-size zero tensor.
+    decays = decay.unbind(3)
+    inputs = x.unbind(3)
+    h = inputs[0]
     local = [h]
     for i in range(1, t):
-        h = decay[:, :, :, i] * h + x[:, :, :, i]
+        h = torch.addcmul(inputs[i], decays[i], h)
         local.append(h)
     h_local = torch.stack(local, dim=3)  # (b, d, chunks, T, N)
 
     # 2) carry the state across chunks: chunk c starts from carry[c]
     cum_decay = torch.exp(torch.cumsum(a_log, dim=3))  # decay from chunk start to step i, inclusive
+    ends = local[-1].unbind(2)  # state at each chunk end (from a zero start)
+    end_decays = cum_decay[:, :, :, -1].unbind(2)
     carry = x.new_zeros(b, d, n)
     carries = []
     for c in range(n_chunks):
         carries.append(carry)
-        carry = h_local[:, :, c, -1] + cum_decay[:, :, c, -1] * carry
+        carry = torch.addcmul(ends[c], end_decays[c], carry)
     carry_in = torch.stack(carries, dim=2)  # (b, d, chunks, N)
 
     h_all = h_local + cum_decay * carry_in[:, :, :, None]
