@@ -106,6 +106,13 @@ def test_sharding_keeps_the_global_batch():
         many = sorted(ranks[0][s] + ranks[1][s])
         assert one == many  # the same items in every global batch
         assert single[2 * s] == ranks[0][s] and single[2 * s + 1] == ranks[1][s]
+    # The micro-batch's place in the epoch (which seeds dropout/drop-path) is the same for both.
+    one = GlobalBatchSampler(n, per_device, 1, 0, accumulation=world, seed=5, epoch=3)
+    split = [GlobalBatchSampler(n, per_device, world, r, accumulation=1, seed=5, epoch=3) for r in range(world)]
+    for r in range(world):
+        for local, batch in enumerate(split[r]):
+            assert single[split[r].global_micro_index(local)] == batch
+    assert [one.global_micro_index(i) for i in range(len(one))] == list(range(len(one)))
     flat = [i for b in single for i in b]
     assert len(set(flat)) == len(flat) == steps * per_device * world  # tail of 3 dropped, no repeats
     assert single == list(GlobalBatchSampler(n, per_device, 1, 0, world, seed=5, epoch=3))

@@ -1,6 +1,7 @@
 """Process group set-up, deterministic batch sharding, seeding and RNG state capture.
 
-Sharding keeps the global batch of one process: at epoch e, a permutation of the dataset drawn from a
+Sharding keeps the global batch of one process (and so do the random numbers: the stochastic layers are
+reseeded per micro-batch from its place in the epoch, whatever the world size): at epoch e, a permutation of the dataset drawn from a
 generator seeded by (seed, e) is cut into global batches of G = per_device x world x accumulation items
 (the incomplete tail is dropped); global batch s is cut into `world x accumulation` micro-batches of
 `per_device` items; rank r takes micro-batches r, r + world, r + 2*world, ... So every global batch holds
@@ -87,6 +88,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)
 
 
+def micro_batch_seed(seed: int, epoch: int, micro_index: int) -> int:
+    """Seed of the stochastic layers (dropout, drop-path) for one micro-batch, identified by its place in the
+    epoch's sequence of micro-batches of one process (see `GlobalBatchSampler.global_micro_index`)."""
+    return int(np.random.SeedSequence([seed, epoch, micro_index, 0xD0]).generate_state(1, dtype=np.uint64)[0]) \
+        & ((1 << 63) - 1)
+
+
 class GlobalBatchSampler:
     """Batch sampler of one rank for one epoch (see the module docstring); yields lists of indices."""
 
@@ -111,6 +119,12 @@ class GlobalBatchSampler:
 
     def __len__(self) -> int:
         return self.steps * self.accumulation
+
+    def global_micro_index(self, local_index: int) -> int:
+        """Index, among all micro-batches of the epoch (as one process would run them), of this rank's
+        `local_index`-th micro-batch."""
+        step, k = divmod(local_index, self.accumulation)
+        return step * self.accumulation * self.world + k * self.world + self.rank
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -25,7 +25,7 @@ from remamber.engine.checkpoint import (
 )
 from remamber.engine.distributed import (
     DistInfo, GlobalBatchSampler, any_rank, barrier, batch_split, dist_info_from_env, epoch_seed,
-    gather_rng_states, init_distributed, seed_everything, set_rng_state, shutdown_distributed,
+    gather_rng_states, init_distributed, micro_batch_seed, seed_everything, set_rng_state, shutdown_distributed,
 )
 from remamber.engine.evaluate import score_loader
 from remamber.engine.optim import CosineEpochSchedule, ModelEMA, all_params, build_optimizer
@@ -198,6 +198,9 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
             for micro, batch in enumerate(loader):
                 step, k = divmod(micro, accumulation)
                 last_micro = k == accumulation - 1
+                # Dropout/drop-path masks depend on the micro-batch's place in the epoch only, so N
+                # processes draw what one process would (and a resumed run what the straight one did).
+                torch.manual_seed(micro_batch_seed(tc.seed, epoch, sampler.global_micro_index(micro)))
                 input_ids, attention_mask = model.tokenize(list(batch["text"]))
                 sync = nullcontext() if (last_micro or not info.enabled) else ddp_model.no_sync()
                 with sync:
