@@ -91,9 +91,16 @@ def _load(spec: TextEncoderSpec, source: str | os.PathLike | None):
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
-    if hasattr(model, "text_model"):  # CLIPTextModel
-        return model.text_model.encoder.layers
-    return model.encoder.layer  # BertModel
+    """The transformer layers: BertModel encoder.layer; CLIPTextModel encoder.layers
+    (text_model.encoder.layers before transformers 5)."""
+    for path in ("encoder.layer", "encoder.layers", "text_model.encoder.layers"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(f"cannot find the transformer layers of {type(model).__name__} to truncate")
 
 
 class TextEncoder(nn.Module):
