@@ -25,7 +25,8 @@ from remamber.engine.checkpoint import (
 )
 from remamber.engine.distributed import (
     DistInfo, GlobalBatchSampler, any_rank, barrier, batch_split, dist_info_from_env, epoch_seed,
-    gather_rng_states, init_distributed, micro_batch_seed, seed_everything, set_rng_state, shutdown_distributed,
+    gather_rng_states, init_distributed, micro_batch_seed, seed_everything, set_rng_state,
+    shutdown_distributed,
 )
 from remamber.engine.evaluate import score_loader
 from remamber.engine.optim import CosineEpochSchedule, ModelEMA, all_params, build_optimizer
@@ -318,4 +319,6 @@ def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, run_k
             "remamber.dataset": meta["dataset"], "remamber.variant": meta["variant"],
             "remamber.resolution": meta["resolution"], "remamber.tables": ",".join(tables),
             "remamber.config_name": cfg.name}
-    return tracker.training_run(experiment, run_key, params=cfg.to_dict(), tags=tags)
+    params = {**cfg.to_dict(), "job": {"dataset": meta["dataset"], "variant": meta["variant"],
+                                       "resolution": meta["resolution"]}}
+    return tracker.training_run(experiment, run_key, params=params, tags=tags)
