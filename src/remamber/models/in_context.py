@@ -22,8 +22,9 @@ __all__ = ["InContextBlock", "InContextStage"]
 class InContextBlock(nn.Module):
     """img (B, C, h, w) + SS2D_[text; image](LN(img)) -> (B, C, h, w).
 
-    Words (B, L, Ct) -> text_proj (Ct -> C) -> the SS2D's in_proj and SiLU (the 3x3 conv is 2-D and
-    applies to the image only) -> prefix (B, D, L) of each of the four directions.
+    Words (B, L, Ct) -> text_proj (Ct -> C) -> LayerNorm (the image tokens are normalised too) -> the
+    SS2D's in_proj and SiLU (the 3x3 conv is 2-D and applies to the image only) -> prefix (B, D, L)
+    of each of the four directions.
     """
 
     def __init__(self, dim: int, text_dim: int, d_state: int = 1, ssm_ratio: float = 2.0,
@@ -31,12 +32,13 @@ class InContextBlock(nn.Module):
         super().__init__()
         self.norm = LayerNorm2d(dim)
         self.text_proj = nn.Linear(text_dim, dim)
+        self.text_norm = nn.LayerNorm(dim)
         self.op = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank)
 
     def forward(self, image: torch.Tensor, words: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         u = self.op.project_in(self.norm(image))  # (B, D, h, w)
         b, d, h, w = u.shape
-        t = self.text_proj(words).transpose(1, 2)[..., None]  # (B, C, L, 1)
+        t = self.text_norm(self.text_proj(words)).transpose(1, 2)[..., None]  # (B, C, L, 1)
         ut = self.op.act(self.op.in_proj(t))[..., 0]  # (B, D, L)
         if text_mask is not None:
             order = torch.argsort(text_mask.to(torch.int8), dim=1, stable=True)  # pads first, words in order
