@@ -424,11 +424,11 @@ class ExperimentConfig:
                 if variant not in VARIANTS:
                     _fail(f"{self.source}: experiments.tables.{name}.variants",
                           f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-        variant = next(iter(self.experiments.tables.values())).variants[0]
-        try:
-            variant_config(variant, **self.model)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{self.source}: model: {exc}") from exc
+        for variant in dict.fromkeys(v for t in self.experiments.tables.values() for v in t.variants):
+            try:
+                variant_config(variant, **self.model)
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{self.source}: model: {exc}") from exc
 
     def model_config(self, variant: str):
         """The ModelConfig of `variant` with this file's `model:` overrides."""
