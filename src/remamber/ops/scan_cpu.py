@@ -37,7 +37,7 @@ from .scan_torch import compute_dtype
 
 __all__ = ["selective_scan_cpu", "CHUNK", "LANES"]
 
-CHUNK = 64  # steps per chunk: checkpoint interval and length of the vector buffers
+CHUNK = 256  # steps per chunk: checkpoint interval and length of the vector buffers
 LANES = 16  # target number of independent recurrence chains (rows x states) per block
 _TARGET_ITEMS = 32  # backward work items; fixed (not thread-count dependent) so sums are reproducible
 
@@ -57,34 +57,41 @@ def _block_inputs(bi, d0, R, l0, T, u, delta, bias, has_bias, softplus, A, B, va
     for r in range(R):
         d = d0 + r
         bd = bias[d]  # zeros when there is no bias (keeps the compute dtype; no float64 promotion)
-        u_row = u[bi, d]
-        x_row = delta[bi, d]
+        # chunk slices: indices t in range(T) are provably non-negative, so loops stay vectorisable
+        u_seg = u[bi, d, l0:l0 + T]
+        x_seg = delta[bi, d, l0:l0 + T]
+        dt_r = dtbuf[r]
+        dtu_r = dtubuf[r]
         if softplus:
             for t in range(T):
-                v = vsoftplus(x_row[l0 + t] + bd)
-                dtbuf[r, t] = v
-                dtubuf[r, t] = v * u_row[l0 + t]
+                v = vsoftplus(x_seg[t] + bd)
+                dt_r[t] = v
+                dtu_r[t] = v * u_seg[t]
             if need_sig:
+                sg_r = sgbuf[r]
                 for t in range(T):
-                    sgbuf[r, t] = vsigmoid(x_row[l0 + t] + bd)
+                    sg_r[t] = vsigmoid(x_seg[t] + bd)
         else:
             for t in range(T):
-                v = x_row[l0 + t] + bd
-                dtbuf[r, t] = v
-                dtubuf[r, t] = v * u_row[l0 + t]
+                v = x_seg[t] + bd
+                dt_r[t] = v
+                dtu_r[t] = v * u_seg[t]
         Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]  # (N, LB)
         for n in range(N):
             k = r * N + n
             an = A[d, n]
+            a_k = abuf[k]
+            x_k = xbuf[k]
             for t in range(T):
-                abuf[k, t] = vexp(dtbuf[r, t] * an)
+                a_k[t] = vexp(dt_r[t] * an)
             if var_lb:
+                b_seg = Bm[n, l0:l0 + T]
                 for t in range(T):
-                    xbuf[k, t] = dtubuf[r, t] * Bm[n, l0 + t]
+                    x_k[t] = dtu_r[t] * b_seg[t]
             else:
                 bn = Bm[n, 0]
                 for t in range(T):
-                    xbuf[k, t] = dtubuf[r, t] * bn
+                    x_k[t] = dtu_r[t] * bn
 
 
 @njit(inline="always", error_model="numpy")
@@ -141,26 +148,24 @@ def _scan_fwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, out, 
             _block_states(lanes, T, abuf, xbuf, hbuf)
             for r in range(Rb):
                 d = d0 + r
-                u_row = u[bi, d]
+                u_seg = u[bi, d, l0:l0 + T]
                 Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
-                if has_D:
-                    dd = D[d]
-                    for t in range(T):
-                        ybuf[t] = dd * u_row[l0 + t]
-                else:
-                    ybuf[:T] = 0.0
+                dd = D[d]  # zeros when there is no D
+                for t in range(T):
+                    ybuf[t] = dd * u_seg[t]
                 for n in range(N):
-                    k = r * N + n
+                    h_k = hbuf[r * N + n, 1:T + 1]
                     if var_lc:
+                        c_seg = Cm[n, l0:l0 + T]
                         for t in range(T):
-                            ybuf[t] += hbuf[k, t + 1] * Cm[n, l0 + t]
+                            ybuf[t] += h_k[t] * c_seg[t]
                     else:
                         cn = Cm[n, 0]
                         for t in range(T):
-                            ybuf[t] += hbuf[k, t + 1] * cn
-                out_row = out[bi, d]
+                            ybuf[t] += h_k[t] * cn
+                out_seg = out[bi, d, l0:l0 + T]
                 for t in range(T):
-                    out_row[l0 + t] = ybuf[t]
+                    out_seg[t] = ybuf[t]
             for k in range(lanes):
                 hbuf[k, 0] = hbuf[k, T]
         for r in range(Rb):
@@ -229,24 +234,28 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                 for r in range(Rb):
                     d = d0 + r
                     dd = D[d]  # zeros when there is no D
-                    go_row = gout[bi, d]
-                    u_row = u[bi, d]
+                    go_seg = gout[bi, d, l0:l0 + T]
+                    u_seg = u[bi, d, l0:l0 + T]
+                    go_r = gobuf[r]
+                    du_r = dubuf[r]
+                    ddt_r = ddtbuf[r]
                     for t in range(T):
-                        gobuf[r, t] = go_row[l0 + t]
-                        dubuf[r, t] = gobuf[r, t] * dd
-                        ddtbuf[r, t] = 0.0
-                        qbuf[t] = gobuf[r, t] * u_row[l0 + t]
+                        go_r[t] = go_seg[t]
+                        du_r[t] = go_seg[t] * dd
+                        ddt_r[t] = 0.0
+                        qbuf[t] = go_seg[t] * u_seg[t]
                     dD_acc[r] += _sum(qbuf, T)
                     Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
                     for n in range(N):
-                        k = r * N + n
+                        c_k = cbuf[r * N + n]
                         if var_lc:
+                            c_seg = Cm[n, l0:l0 + T]
                             for t in range(T):
-                                cbuf[k, t] = Cm[n, l0 + t]
+                                c_k[t] = c_seg[t]
                         else:
                             cn = Cm[n, 0]
                             for t in range(T):
-                                cbuf[k, t] = cn
+                                c_k[t] = cn
                 # sequential part: the adjoint recurrence, all lanes of the block interleaved
                 for t in range(T - 1, -1, -1):
                     for r in range(Rb):
@@ -259,50 +268,63 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                 # vectorisable part: gradients of the chunk
                 for r in range(Rb):
                     d = d0 + r
-                    u_row = u[bi, d]
+                    u_seg = u[bi, d, l0:l0 + T]
                     Bm = B[bi if B.shape[0] > 1 else 0, d // dpg_b]
                     dBm = dB_buf[bi * dim + d if shared_b else item]
                     dCm = dC_buf[bi * dim + d if shared_c else item]
+                    go_r = gobuf[r]
+                    dt_r = dtbuf[r]
+                    dtu_r = dtubuf[r]
+                    du_r = dubuf[r]
+                    ddt_r = ddtbuf[r]
                     for n in range(N):
                         k = r * N + n
                         an = A[d, n]
+                        g_k = gbuf[k]
+                        a_k = abuf[k]
+                        h_prev = hbuf[k, 0:T]
+                        h_cur = hbuf[k, 1:T + 1]
                         if var_lc:
+                            dc_seg = dCm[n, l0:l0 + T]
                             for t in range(T):
-                                dCm[n, l0 + t] += gobuf[r, t] * hbuf[k, t + 1]
+                                dc_seg[t] += go_r[t] * h_cur[t]
                         else:
                             for t in range(T):
-                                qbuf[t] = gobuf[r, t] * hbuf[k, t + 1]
+                                qbuf[t] = go_r[t] * h_cur[t]
                             dCm[n, 0] += _sum(qbuf, T)
                         if var_lb:
+                            b_seg = Bm[n, l0:l0 + T]
+                            db_seg = dBm[n, l0:l0 + T]
                             for t in range(T):
-                                gn = gbuf[k, t]
-                                bv = Bm[n, l0 + t]
-                                dBm[n, l0 + t] += gn * dtubuf[r, t]
-                                dubuf[r, t] += gn * dtbuf[r, t] * bv
-                                q = gn * hbuf[k, t] * abuf[k, t]  # dLoss / d(dt*A) through the decay
-                                ddtbuf[r, t] += gn * bv * u_row[l0 + t] + q * an
-                                qbuf[t] = q * dtbuf[r, t]
+                                gn = g_k[t]
+                                bv = b_seg[t]
+                                db_seg[t] += gn * dtu_r[t]
+                                du_r[t] += gn * dt_r[t] * bv
+                                q = gn * h_prev[t] * a_k[t]  # dLoss / d(dt*A) through the decay
+                                ddt_r[t] += gn * bv * u_seg[t] + q * an
+                                qbuf[t] = q * dt_r[t]
                         else:
                             bv = Bm[n, 0]
                             for t in range(T):
-                                gn = gbuf[k, t]
-                                dubuf[r, t] += gn * dtbuf[r, t] * bv
-                                q = gn * hbuf[k, t] * abuf[k, t]
-                                ddtbuf[r, t] += gn * bv * u_row[l0 + t] + q * an
-                                qbuf[t] = q * dtbuf[r, t]
-                                qbuf2[t] = gn * dtubuf[r, t]
+                                gn = g_k[t]
+                                du_r[t] += gn * dt_r[t] * bv
+                                q = gn * h_prev[t] * a_k[t]
+                                ddt_r[t] += gn * bv * u_seg[t] + q * an
+                                qbuf[t] = q * dt_r[t]
+                                qbuf2[t] = gn * dtu_r[t]
                             dBm[n, 0] += _sum(qbuf2, T)
                         dA_acc[k] += _sum(qbuf, T)
-                    du_row = du[bi, d]
-                    ddelta_row = ddelta[bi, d]
+                    du_seg = du[bi, d, l0:l0 + T]
+                    ddelta_seg = ddelta[bi, d, l0:l0 + T]
                     for t in range(T):
-                        du_row[l0 + t] = dubuf[r, t]
+                        du_seg[t] = du_r[t]
                     if softplus:
+                        sg_r = sgbuf[r]
                         for t in range(T):
-                            ddelta_row[l0 + t] = ddtbuf[r, t] * sgbuf[r, t]
+                            ddelta_seg[t] = ddt_r[t] * sg_r[t]
                     else:
                         for t in range(T):
-                            ddelta_row[l0 + t] = ddtbuf[r, t]
+                            ddelta_seg[t] = ddt_r[t]
             for r in range(Rb):
                 dD_part[bi, d0 + r] = dD_acc[r]
                 for n in range(N):
