@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import numpy as np
@@ -51,8 +52,10 @@ def dist_info_from_env() -> DistInfo:
 def init_distributed(info: DistInfo, device: torch.device) -> None:
     """Join the process group (nccl on CUDA, gloo on CPU) when launched with several processes."""
     if info.enabled and not dist.is_initialized():
+        # Validation runs on rank 0 while the others wait at a barrier: a full val split can take longer
+        # than the default collective timeout (10 min for NCCL).
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                rank=info.rank, world_size=info.world_size)
+                                rank=info.rank, world_size=info.world_size, timeout=timedelta(hours=2))
 
 
 def shutdown_distributed() -> None:
