@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import types
 from numba.core.extending import intrinsic, overload
 
-__all__ = ["vexp", "vsoftplus", "vsigmoid"]
+__all__ = ["vexp", "vsoftplus", "vsigmoid", "vsoftplus_sigmoid"]
 
 _F = np.float32
 _LOG2E = _F(1.4426950408889634)
@@ -107,4 +107,28 @@ def _vsigmoid_overload(x):
         return lambda x: _ONE / (_ONE + vexp(-x))
     if isinstance(x, types.Float):
         return lambda x: 1.0 / (1.0 + math.exp(-x))
+    return None
+
+
+def vsoftplus_sigmoid(x):
+    """(softplus(x), sigmoid(x)) sharing one exp; compiled by numba through the overload below."""
+    return vsoftplus(x), vsigmoid(x)
+
+
+@overload(vsoftplus_sigmoid, inline="always")
+def _vsoftplus_sigmoid_overload(x):
+    if x == types.float32:
+
+        def softplus_sigmoid_f32(x):
+            y = vexp(-abs(x))  # in (0, 1]
+            s = y / (_TWO + y)
+            s2 = s * s
+            series = _ONE + s2 * (_S3 + s2 * (_S5 + s2 * (_S7 + s2 * (_S9 + s2 * (_S11 + s2 * (_S13 + s2 * _S15))))))
+            sp = max(x, _ZERO) + _TWO * s * series
+            inv = _ONE / (_ONE + y)
+            return (x if x > _TWENTY else sp), (inv if x >= _ZERO else y * inv)
+
+        return softplus_sigmoid_f32
+    if isinstance(x, types.Float):
+        return lambda x: (x if x > 20.0 else math.log1p(math.exp(x)), 1.0 / (1.0 + math.exp(-x)))
     return None

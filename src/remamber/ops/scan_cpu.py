@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
-from ._fastmath import vexp, vsigmoid, vsoftplus
+from ._fastmath import vexp, vsoftplus, vsoftplus_sigmoid
 from .scan_torch import compute_dtype
 
 __all__ = ["selective_scan_cpu", "CHUNK", "LANES"]
@@ -62,15 +62,18 @@ def _block_inputs(bi, d0, R, l0, T, u, delta, bias, has_bias, softplus, A, B, va
         x_seg = delta[bi, d, l0:l0 + T]
         dt_r = dtbuf[r]
         dtu_r = dtubuf[r]
-        if softplus:
+        if softplus and need_sig:
+            sg_r = sgbuf[r]
+            for t in range(T):
+                v, sg = vsoftplus_sigmoid(x_seg[t] + bd)
+                dt_r[t] = v
+                dtu_r[t] = v * u_seg[t]
+                sg_r[t] = sg
+        elif softplus:
             for t in range(T):
                 v = vsoftplus(x_seg[t] + bd)
                 dt_r[t] = v
                 dtu_r[t] = v * u_seg[t]
-            if need_sig:
-                sg_r = sgbuf[r]
-                for t in range(T):
-                    sg_r[t] = vsigmoid(x_seg[t] + bd)
         else:
             for t in range(T):
                 v = x_seg[t] + bd
@@ -210,18 +213,19 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
         dubuf = np.empty((R, K), dtype=u.dtype)
         ddtbuf = np.empty((R, K), dtype=u.dtype)
         qbuf = np.empty(K, dtype=u.dtype)
-        qbuf2 = np.empty(K, dtype=u.dtype)
         g = np.empty(R * N, dtype=u.dtype)
-        dA_acc = np.empty(R * N, dtype=np.float64)
-        dD_acc = np.empty(R, dtype=np.float64)
+        # per-position partial sums of dA and dD over the chunks of a row (vector adds, no reduction
+        # chain in the hot loop); reduced once per row
+        dA_vec = np.empty((R * N, K), dtype=u.dtype)
+        dD_vec = np.empty((R, K), dtype=u.dtype)
         for d0 in range(d_lo, d_hi, R):
             Rb = min(R, d_hi - d0)
             lanes = Rb * N
             for r in range(Rb):
-                dD_acc[r] = 0.0
+                dD_vec[r, :] = 0.0
                 for n in range(N):
                     g[r * N + n] = glast[bi, d0 + r, n] if has_glast else 0.0
-                    dA_acc[r * N + n] = 0.0
+                    dA_vec[r * N + n, :] = 0.0
             for c in range(n_chunks - 1, -1, -1):
                 l0 = c * K
                 T = min(L, l0 + K) - l0
@@ -239,12 +243,12 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                     go_r = gobuf[r]
                     du_r = dubuf[r]
                     ddt_r = ddtbuf[r]
+                    dD_r = dD_vec[r]
                     for t in range(T):
                         go_r[t] = go_seg[t]
                         du_r[t] = go_seg[t] * dd
                         ddt_r[t] = 0.0
-                        qbuf[t] = go_seg[t] * u_seg[t]
-                    dD_acc[r] += _sum(qbuf, T)
+                        dD_r[t] += go_seg[t] * u_seg[t]
                     Cm = C[bi if C.shape[0] > 1 else 0, d // dpg_c]
                     for n in range(N):
                         c_k = cbuf[r * N + n]
@@ -282,6 +286,7 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                         an = A[d, n]
                         g_k = gbuf[k]
                         a_k = abuf[k]
+                        dA_k = dA_vec[k]
                         h_prev = hbuf[k, 0:T]
                         h_cur = hbuf[k, 1:T + 1]
                         if var_lc:
@@ -302,7 +307,7 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                                 du_r[t] += gn * dt_r[t] * bv
                                 q = gn * h_prev[t] * a_k[t]  # dLoss / d(dt*A) through the decay
                                 ddt_r[t] += gn * bv * u_seg[t] + q * an
-                                qbuf[t] = q * dt_r[t]
+                                dA_k[t] += q * dt_r[t]
                         else:
                             bv = Bm[n, 0]
                             for t in range(T):
@@ -310,10 +315,9 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                                 du_r[t] += gn * dt_r[t] * bv
                                 q = gn * h_prev[t] * a_k[t]
                                 ddt_r[t] += gn * bv * u_seg[t] + q * an
-                                qbuf[t] = q * dt_r[t]
-                                qbuf2[t] = gn * dtu_r[t]
-                            dBm[n, 0] += _sum(qbuf2, T)
-                        dA_acc[k] += _sum(qbuf, T)
+                                dA_k[t] += q * dt_r[t]
+                                qbuf[t] = gn * dtu_r[t]
+                            dBm[n, 0] += _sum(qbuf, T)
                     du_seg = du[bi, d, l0:l0 + T]
                     ddelta_seg = ddelta[bi, d, l0:l0 + T]
                     for t in range(T):
@@ -326,9 +330,9 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                         for t in range(T):
                             ddelta_seg[t] = ddt_r[t]
             for r in range(Rb):
-                dD_part[bi, d0 + r] = dD_acc[r]
+                dD_part[bi, d0 + r] = _sum(dD_vec[r], K)
                 for n in range(N):
-                    dA_part[bi, d0 + r, n] = dA_acc[r * N + n]
+                    dA_part[bi, d0 + r, n] = _sum(dA_vec[r * N + n], K)
 
 
 def _bc_kernel_layout(X: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,11 @@ Recurrence per (batch b, channel d, state n), with dt = delta (after bias/softpl
     y[l] = sum_n C[n, l] * h[l]
     out  = (y + D * u) * silu(z)
 
-The time loop is split into chunks of T ~ sqrt(L) steps: all chunks are scanned at once (T steps),
-then chunk carries are propagated (L/T steps) and added back scaled by the within-chunk decay
-exp(cumsum(dt * A)). This is the same recurrence, exactly (no division by decays, no exp of positive
-partial sums), in about 2*sqrt(L) PyTorch steps instead of L.
+When one time step is small (batch*dim*N < SMALL_STEP elements) the time loop is split into chunks
+of T ~ sqrt(L) steps: all chunks are scanned at once (T steps), then chunk carries are propagated
+(L/T steps) and added back scaled by the within-chunk decay exp(cumsum(dt * A)). This is the same
+recurrence, exactly (no division by decays, no exp of positive partial sums), in about 2*sqrt(L)
+PyTorch steps instead of L. Large steps use the plain loop (one chunk).
 """
 
 from __future__ import annotations
@@ -45,37 +46,58 @@ def _bc_grouped(X: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     return X.transpose(2, 3)[:, :, None], X.shape[1]
 
 
+SMALL_STEP = 4096  # elements per time step below which per-op overhead dominates a plain loop
+
+
+def _default_chunk(length: int, step_elems: int) -> int:
+    """Steps per chunk: ~sqrt(L) (about 2*sqrt(L) PyTorch steps) when one step is small, else L
+    (one chunk, the plain loop: big steps amortise the per-op overhead, and chunking would cost extra
+    full-size passes)."""
+    if step_elems >= SMALL_STEP or length <= 1:
+        return max(1, length)
+    return math.isqrt(length - 1) + 1
+
+
 def linear_scan_chunked(a_log: torch.Tensor, x: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """First-order linear recurrence h[l] = exp(a_log[l]) * h[l-1] + x[l], h[-1] = 0, along dim 2.
 
     a_log, x: (b, d, L, N). Returns (h (b, d, L, N), last state (b, d, N)).
+    chunk: steps per chunk (default: see `_default_chunk`); any value gives the same recurrence.
     """
     b, d, length, n = x.shape
-    t = chunk or max(1, math.isqrt(length - 1) + 1 if length > 1 else 1)
+    t = chunk or _default_chunk(length, b * d * n)
+    if t >= length:  # one chunk: the plain sequential loop over time, nothing to carry
+        decays, inputs = torch.exp(a_log).unbind(2), x.unbind(2)
+        h = x.new_zeros(b, d, n)  # step 0 also multiplies by its decay, so A stays in the graph at L = 1
+        states = []
+        for i in range(length):
+            h = torch.addcmul(inputs[i], decays[i], h)
+            states.append(h)
+        return torch.stack(states, dim=2), h
     n_chunks = -(-length // t)
     pad = n_chunks * t - length
     if pad:  # padded steps: decay 1 (log 0), no input, so the carry passes through unchanged
         a_log = F.pad(a_log, (0, 0, 0, pad))
         x = F.pad(x, (0, 0, 0, pad))
-    a_log = a_log.reshape(b, d, n_chunks, t, n)
-    x = x.reshape(b, d, n_chunks, t, n)
-    decay = torch.exp(a_log)
+    # step-in-chunk axis first, so every per-step slice below is one contiguous block
+    a_log = a_log.reshape(b, d, n_chunks, t, n).permute(3, 0, 1, 2, 4).contiguous()  # (T, b, d, chunks, N)
+    x = x.reshape(b, d, n_chunks, t, n).permute(3, 0, 1, 2, 4).contiguous()
 
     # 1) scan every chunk from a zero state, all chunks in parallel: T steps on (b, d, chunks, N).
     #    unbind (not indexing) so autograd writes each step's gradient once, not a full-size zero tensor.
-    decays = decay.unbind(3)
-    inputs = x.unbind(3)
+    decays = torch.exp(a_log).unbind(0)
+    inputs = x.unbind(0)
     h = inputs[0]
     local = [h]
     for i in range(1, t):
         h = torch.addcmul(inputs[i], decays[i], h)
         local.append(h)
-    h_local = torch.stack(local, dim=3)  # (b, d, chunks, T, N)
+    h_local = torch.stack(local, dim=0)  # (T, b, d, chunks, N)
 
     # 2) carry the state across chunks: chunk c starts from carry[c]
-    cum_decay = torch.exp(torch.cumsum(a_log, dim=3))  # decay from chunk start to step i, inclusive
-    ends = local[-1].unbind(2)  # state at each chunk end (from a zero start)
-    end_decays = cum_decay[:, :, :, -1].unbind(2)
+    cum_decay = torch.exp(torch.cumsum(a_log, dim=0))  # decay from chunk start to step i, inclusive
+    ends = local[-1].movedim(2, 0).unbind(0)  # per chunk: end state from a zero start (b, d, N)
+    end_decays = cum_decay[-1].movedim(2, 0).unbind(0)
     carry = x.new_zeros(b, d, n)
     carries = []
     for c in range(n_chunks):
@@ -83,8 +105,8 @@ def linear_scan_chunked(a_log: torch.Tensor, x: torch.Tensor, chunk: int | None 
         carry = torch.addcmul(ends[c], end_decays[c], carry)
     carry_in = torch.stack(carries, dim=2)  # (b, d, chunks, N)
 
-    h_all = h_local + cum_decay * carry_in[:, :, :, None]
-    h_all = h_all.reshape(b, d, n_chunks * t, n)[:, :, :length]
+    h_all = torch.addcmul(h_local, cum_decay, carry_in)  # (T, b, d, chunks, N)
+    h_all = h_all.permute(1, 2, 3, 0, 4).reshape(b, d, n_chunks * t, n)[:, :, :length]
     return h_all, carry
 
 
