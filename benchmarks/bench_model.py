@@ -7,7 +7,7 @@ torch's scaled_dot_product_attention over [image tokens; 20 text tokens], out-pr
 the same width. The fitted log-log exponent of time against the number of image tokens is printed
 for each row (target <= 1.15 for the Twister block and the whole twister model).
 
-Peak memory: every (case, size) runs in a fresh subprocess that first runs the case once at 32 px
+Peak memory: every (case, size) runs in a fresh subprocess that first runs the case once at 64 px
 (loading the compiled scan kernels); peak = ru_maxrss after one forward+backward at the measured
 size minus the resident set (VmRSS) just before it, divided by the batch size.
 Times are the median of --repeats steps after one warm-up step.
@@ -112,7 +112,7 @@ def _child(case: str, size: int, batch: int, repeats: int, threads: int) -> dict
     import torch
 
     torch.set_num_threads(threads)
-    _build(case, 32, 1)[0]()  # loads the compiled scan kernels, so their code is not counted below
+    _build(case, 64, 2)[0]()  # loads the compiled scan kernels, so their code is not counted below
     step, tokens = _build(case, size, batch)
     before = _vm_rss_kib()
     step()  # warm-up; also the memory high-water mark of one step

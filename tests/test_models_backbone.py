@@ -39,7 +39,6 @@ def test_small_backbones_forward_backward_any_size(name, hw):
     assert not no_grad, f"parameters without gradient: {no_grad}"
 
 
-@pytest.mark.slow
 def test_vmamba_base_runs_on_a_tiny_input():
     torch.manual_seed(0)
     model = VMambaBackbone(backbone_config("vmamba_base"))

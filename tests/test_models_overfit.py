@@ -67,7 +67,7 @@ def test_small_twister_overfits_eight_grounded_pairs():
     ids, attn = model.tokenize(texts)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     start, best, steps = time.time(), torch.zeros(8), 0
-    for steps in range(1, 401):
+    for steps in range(1, 201):
         model.train()
         loss = dice_bce_loss(model(images, ids, attn), masks)
         opt.zero_grad()
