@@ -68,7 +68,8 @@ def linear_scan_chunked(a_log: torch.Tensor, x: torch.Tensor, chunk: int | None 
     t = chunk or _default_chunk(length, b * d * n)
     if t >= length:  # one chunk: the plain sequential loop over time, nothing to carry
         decays, inputs = torch.exp(a_log).unbind(2), x.unbind(2)
-        h = x.new_zeros(b, d, n)  # step 0 also multiplies by its decay, so A stays in the graph at L = 1
+        del a_log, x  # autograd keeps what it needs; do not hold two more full-size tensors here
+        h = inputs[0].new_zeros(b, d, n)  # step 0 also multiplies by its decay, so A stays in the graph at L = 1
         states = []
         for i in range(length):
             h = torch.addcmul(inputs[i], decays[i], h)
@@ -139,12 +140,10 @@ def selective_scan_torch(
         dt = F.softplus(dt)
     A_c = A.to(ct)
 
-    a_log = dt[..., None] * A_c[:, None, :]  # (b, d, L, N)
     B_g, g_b = _bc_grouped(B.to(ct), dim)
     dtu = _group_view((dt * u_c)[..., None], g_b)  # (b, G, d/G, L, 1)
-    x = (dtu * B_g).reshape(batch, dim, length, n)
-
-    h, last = linear_scan_chunked(a_log, x)
+    # decay exponent (b, d, L, N) and input term (b, d, L, N), passed without keeping references here
+    h, last = linear_scan_chunked(dt[..., None] * A_c[:, None, :], (dtu * B_g).reshape(batch, dim, length, n))
 
     C_g, g_c = _bc_grouped(C.to(ct), dim)
     y = (_group_view(h, g_c) * C_g).sum(-1).reshape(batch, dim, length)
