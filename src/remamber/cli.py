@@ -18,6 +18,19 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def _limit_cpu_threads(n: int) -> None:
+    """Give torch and the numba scan kernel `n` threads each (they run one after the other, never together).
+
+    Parallel Snakemake jobs each get their share of the cores this way: two OpenMP pools per job, each as
+    wide as the machine, made steps 10-30x slower through oversubscription on 2 cores.
+    """
+    import numba
+    import torch
+
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def _key_value_paths(pairs: list[str], what: str) -> dict[str, Path]:
     """Parse `label=path` arguments (figure inputs) keeping their order."""
     out: dict[str, Path] = {}
@@ -184,6 +197,9 @@ def cmd_figure(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remamber", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"remamber {__version__}")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch and the scan kernel (default: all)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the synthetic referring datasets in the refer format")
@@ -292,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        _limit_cpu_threads(args.threads)
     try:
         args.func(args)
     except CLIError as exc:

@@ -15,7 +15,7 @@ rule evaluate:
     log:
         f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
     shell:
-        "remamber evaluate --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
+        "remamber --threads {threads} evaluate --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
         " --data-root {RAW} --out {output} > {log} 2>&1"
 
 
@@ -33,7 +33,7 @@ rule inspect:
     log:
         f"{LOGS}/inspect/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
     shell:
-        "remamber inspect --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
+        "remamber --threads {threads} inspect --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
         " --data-root {RAW} --out {output} > {log} 2>&1"
 
 

@@ -14,7 +14,7 @@ rule train:
         experiment=lambda wc: job_of(wc).experiment,
         tables=lambda wc: ",".join(job_of(wc).tables),
         launch=lambda wc, resources: launcher(resources),
-    threads: workflow.cores if workflow.cores < 4 else 4
+    threads: 1  # tiny CPU models scale better as parallel jobs; GPU profiles set more
     resources:
         gpu=0,
         mem_mb=4000,
@@ -24,7 +24,7 @@ rule train:
     log:
         f"{LOGS}/train/{{dataset}}/{{variant}}/{{res}}.log",
     shell:
-        "{params.launch} train --config {input.config} --dataset {wildcards.dataset}"
+        "{params.launch} --threads {threads} train --config {input.config} --dataset {wildcards.dataset}"
         " --variant {wildcards.variant} --resolution {wildcards.res} --out {params.out}"
         " --experiment {params.experiment} --tables {params.tables} --resume > {log} 2>&1"
 
