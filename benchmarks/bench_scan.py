@@ -1,8 +1,8 @@
 """Selective-scan speed on CPU: plain PyTorch loop vs our torch and cpu backends vs a memory floor.
 
 Workload (the VMamba SS2D call): u, delta (batch, dim, L); A (dim, N); B, C per step (batch, N, L);
-D and delta_bias (dim,), delta_softplus=True, no z. Prints milliseconds (median of repeats, warm-up
-excluded, numba compile included in warm-up only) and the ratios
+D and delta_bias (dim,), delta_softplus=True, no z. Prints milliseconds (median of repeats run
+round-robin over the cells, warm-up (numba compile) excluded) and the ratios
     loop/cpu f+b   (plain PyTorch loop forward+backward over our cpu backend's)
     cpu/floor fwd  (our cpu backend's forward over one memory pass reading u, delta, B, C, writing out).
 
@@ -77,15 +77,24 @@ def make_inputs(batch, dim, n, length, seed=0):
     )
 
 
-def timed(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def timed_round_robin(cells: dict, repeats: int) -> dict:
+    """Median milliseconds per cell. Each cell is warmed up once (numba compile excluded), then the
+    repeats run round-robin over the cells, so load from other processes hits all cells alike and
+    ratios measured in the same run stay comparable."""
+    for fn in cells.values():
         fn()
-    times = []
+    times = {name: [] for name in cells}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _no_grad(fn, inputs):
+    with torch.no_grad():
+        return fn(inputs)
 
 
 def fwd_bwd(fn, inputs):
@@ -108,12 +117,12 @@ def bench_one(dim, n, length, repeats, batch=2):
         "cpu": lambda a: selective_scan(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"],
                                         delta_bias=a["delta_bias"], delta_softplus=True, backend="cpu"),
     }
-    row = {}
+    cells = {}
     for name, fn in impls.items():
-        with torch.no_grad():
-            row[f"{name}_fwd"] = timed(lambda: fn(x), repeats)
-        row[f"{name}_fb"] = timed(fwd_bwd(fn, x), repeats)
-    row["floor_fwd"] = timed(lambda: memory_floor(x["u"], x["delta"], x["B"], x["C"]), repeats)
+        cells[f"{name}_fwd"] = (lambda f: lambda: _no_grad(f, x))(fn)
+        cells[f"{name}_fb"] = fwd_bwd(fn, x)
+    cells["floor_fwd"] = lambda: memory_floor(x["u"], x["delta"], x["B"], x["C"])
+    row = timed_round_robin(cells, repeats)
     # sanity: all three agree (the benchmark must time correct code)
     ref = impls["loop"](x)
     for name in ("torch", "cpu"):
