@@ -30,7 +30,8 @@ def test_paper_and_demo_load_with_model_check():
     assert paper.data.datasets["refcocog"].split_by == "umd"
     assert paper.data.datasets["refcocog"].splits == ("val", "test")
     assert paper.model["backbone"] == "vmamba_base"
-    assert demo.tables["table2"] == {"resolution": 96, "datasets": ["refcoco", "refcoco+", "refcocog"],
+    high = yaml.safe_load(DEMO.read_text())["experiments"]["resolutions"]["high"]
+    assert demo.tables["table2"] == {"resolution": high, "datasets": ["refcoco", "refcoco+", "refcocog"],
                                      "variants": ["twister"]}
     assert demo.model_config("local_only").to_dict()["backbone"] == "vmamba_demo"
 
