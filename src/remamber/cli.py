@@ -178,12 +178,6 @@ def cmd_summarize(args: argparse.Namespace) -> None:
     write_metrics_summary(_load_records(args.metrics), args.out)
 
 
-def cmd_publish(args: argparse.Namespace) -> None:
-    from remamber.reports.publish import publish
-
-    publish(args.src, args.dst)
-
-
 def cmd_figure(args: argparse.Namespace) -> None:
     from remamber.reports import figures
 
@@ -297,11 +291,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_summarize)
-
-    p = sub.add_parser("publish", help="copy a rendered report into the top-level reports/ folder")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
-    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("figure", help="render one of the paper's figures from inspection/history files")
     p.add_argument("kind", choices=["interaction", "pca", "overlays", "curves"])

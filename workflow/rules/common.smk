@@ -13,8 +13,7 @@ RESULTS = config["results"]
 RAW = config["data"]["raw"]
 PROCESSED = config["data"]["processed"]
 DATASETS = list(config["data"]["datasets"])
-REPORTS = f"{RESULTS}/reports"  # rendered here, then published to reports/ (see report.smk)
-PUBLISHED = "reports"
+REPORTS = "reports"  # generated, git-ignored; the committed demo outputs are in reports/reference/demo
 LOGS = f"logs/{NAME}"
 JOBS = {(j.dataset, j.variant, int(j.resolution)): j for j in EXP.jobs()}
 TABLES = list(config["experiments"]["tables"])
@@ -81,15 +80,10 @@ def inspect_file(variant):
 FIGURES = ["fig4_interaction_vs_attention", "fig5_cube_pca", "fig7_overlays", "training_curves"]
 
 
-def report_files():
-    """Report files relative to the reports folder: tables, figures, the metrics summary."""
-    tables = [f"{t}.{ext}" for t in TABLES for ext in ("tex", "csv")]
-    figures = [f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
-    return tables + figures + ["metrics.json"]
-
-
 def all_reports():
-    return [f"{PUBLISHED}/{f}" for f in report_files()]
+    tables = [f"{REPORTS}/{t}.{ext}" for t in TABLES for ext in ("tex", "csv")]
+    figures = [f"{REPORTS}/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")]
+    return tables + figures + [f"{REPORTS}/metrics.json"]
 
 
 def launcher(resources):

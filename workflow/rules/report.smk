@@ -91,23 +91,6 @@ rule fig_training_curves:
         "remamber figure curves {params.pairs} --out {REPORTS}/figures/training_curves > {log} 2>&1"
 
 
-# The committed demo reports live in reports/; rendering into the results folder first means a fresh
-# clone still runs the whole DAG (a published copy is stale as soon as its rendered source is remade).
-rule publish:
-    input:
-        f"{REPORTS}/{{path}}",
-    output:
-        f"{PUBLISHED}/{{path}}",
-    wildcard_constraints:
-        path="table[1-4][.](tex|csv)|metrics[.]json|figures/[a-z0-9_]+[.](png|pdf)",
-    conda:
-        "../envs/remamber.yaml"
-    log:
-        f"{LOGS}/publish/{{path}}.log",
-    shell:
-        "remamber publish {input} {output} > {log} 2>&1"
-
-
 rule reports_all:
     input:
         all_reports(),
