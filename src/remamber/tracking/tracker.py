@@ -7,6 +7,7 @@ active-run state), so several handles in one process and several processes on on
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import math
@@ -80,7 +81,7 @@ def _string_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
     return {str(k): str(v) for k, v in (tags or {}).items()}
 
 
-class _Handle:
+class _Handle(abc.ABC):
     """Shared API of live and no-op run handles."""
 
     run_id: str | None = None
@@ -102,8 +103,9 @@ class _Handle:
         except TrackingError as end_exc:  # never mask the exception that is already propagating
             warnings.warn(f"could not mark run FAILED: {end_exc}", TrackingWarning, stacklevel=2)
 
+    @abc.abstractmethod
     def end(self, status: str = "FINISHED") -> None:
-        raise NotImplementedError
+        """Close the run with `status` (FINISHED or FAILED)."""
 
 
 class NoOpRun(_Handle):
