@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import yaml
 
+from remamber.errors import RemamberError
+
 __all__ = [
     "ConfigError",
     "DatasetSpec",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(RemamberError, ValueError):
     """A bad experiment configuration; the message names the file and the key path."""
 
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import yaml
 
+from remamber.errors import RemamberError
+
 DEFAULT_DATASETS_YAML = Path("params") / "datasets.yaml"
 COUNT_KEYS = ("objects", "images", "sentences")
 HASH_ALGOS = ("sha256", "md5")
 
 
-class CatalogError(ValueError):
+class CatalogError(RemamberError, ValueError):
     """A malformed datasets.yaml (the message names the file and the key)."""
 
 

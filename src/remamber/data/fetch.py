@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from remamber.data._io import atomic_write_json
 from remamber.data.catalog import DEFAULT_DATASETS_YAML, ArchiveSpec, load_catalog
+from remamber.errors import RemamberError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ USER_AGENT = "remamber-fetch/0.1 (+https://github.com/remamber)"
 CHUNK_BYTES = 1 << 20
 
 
-class FetchError(RuntimeError):
+class FetchError(RemamberError, RuntimeError):
     """A download that could not be completed (names the file and the URLs tried)."""
 
 
@@ -48,7 +49,7 @@ class DiskFullError(FetchError):
     """The disk filled up while writing (ENOSPC)."""
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(RemamberError, ValueError):
     """An archive entry would land outside the target folder (absolute path, `..`, symlink)."""
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from remamber.data._io import atomic_open, atomic_write_json
 from remamber.data.catalog import COUNT_KEYS, CatalogError, load_catalog, parse_counts
 from remamber.data.refer import MASK_MODES, ReferError, load_refer
+from remamber.errors import RemamberError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ SCHEMA = pa.schema([
 _SPACES = re.compile(r"\s+")
 
 
-class CountMismatchError(ValueError):
+class CountMismatchError(RemamberError, ValueError):
     """Counts of a processed dataset differ from the expected ones."""
 
 

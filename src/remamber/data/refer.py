@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from remamber.errors import RemamberError
+
 MASK_MODES = ("union", "refer_eq1")
 REF_KEYS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
 SENTENCE_KEYS = ("raw", "sent_id")
@@ -33,7 +35,7 @@ def rle_decode(rle: dict | list[dict]) -> np.ndarray:
         return mask_utils.decode(rle)
 
 
-class ReferError(ValueError):
+class ReferError(RemamberError, ValueError):
     """Malformed refer data (the message names the file and, where it applies, the ref_id)."""
 
 

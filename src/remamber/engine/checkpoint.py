@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from remamber.errors import RemamberError
+
 CHECKPOINT_FORMAT = "remamber-checkpoint-v1"
 REQUIRED_META = ("config", "model_config", "dataset", "variant", "resolution", "epoch", "data_hash")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RemamberError, RuntimeError):
     """A missing, unreadable or malformed checkpoint; the message names the file."""
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from remamber.config import ConfigError, ExperimentConfig
+from remamber.errors import RemamberError
 from remamber.engine.checkpoint import (
     CheckpointError, file_sha256, read_checkpoint, save_checkpoint, unwrap,
 )
@@ -35,7 +36,7 @@ from remamber.models import build_model, dice_bce_loss
 HISTORY_KEYS = ("epoch", "loss", "lr", "val_mIoU", "val_oIoU", "images_per_s", "seconds")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RemamberError, FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 

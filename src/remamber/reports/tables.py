@@ -21,6 +21,7 @@ from typing import Any
 
 import pandas as pd
 
+from remamber.errors import RemamberError
 from remamber.reports import latex
 from remamber.reports._io import write_text_atomic, write_with
 from remamber.reports.paper_numbers import (
@@ -78,7 +79,7 @@ META_COLUMNS = ["dataset", "variant", "name", "source", "resolution"]
 TABLE2_META_COLUMNS = ["method", "backbone", "variant", "source", "resolution"]
 
 
-class MissingRecordError(LookupError):
+class MissingRecordError(RemamberError, LookupError):
     """A cell of a table has no evaluation record (or the record lacks the metric)."""
 
 

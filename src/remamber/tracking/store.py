@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from remamber.errors import RemamberError
+
 T = TypeVar("T")
 
 DEFAULT_DB_NAME = "mlflow.db"
@@ -28,7 +30,7 @@ ARTIFACTS_DIR_NAME = "mlartifacts"
 _TRANSIENT_MARKERS = ("database is locked", "database table is locked", "database is busy", "sqlite_busy")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RemamberError, RuntimeError):
     """The tracking store cannot be used (unreachable, invalid, or kept failing)."""
 
 
