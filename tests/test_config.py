@@ -151,3 +151,31 @@ def test_config_module_does_not_import_torch():
             f"ExperimentConfig.from_yaml({str(PAPER)!r}, check_model=False); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_freeze_text_encoder_optional_key(tmp_path):
+    """train.freeze_text_encoder: optional (default false), a bool, and absent == false in the hash, so
+    params files written before the key existed keep their hash (and their checkpoints stay resumable)."""
+    absent = ExperimentConfig.from_yaml(
+        _write_variant(tmp_path, lambda r: r["train"].pop("freeze_text_encoder", None), "absent.yaml"),
+        check_model=False)
+    false = ExperimentConfig.from_yaml(
+        _write_variant(tmp_path, lambda r: r["train"].__setitem__("freeze_text_encoder", False), "false.yaml"),
+        check_model=False)
+    true = ExperimentConfig.from_yaml(
+        _write_variant(tmp_path, lambda r: r["train"].__setitem__("freeze_text_encoder", True), "true.yaml"),
+        check_model=False)
+    assert absent.train.freeze_text_encoder is False and true.train.freeze_text_encoder is True
+    assert absent.config_hash() == false.config_hash() != true.config_hash()
+    assert absent.to_dict()["train"]["freeze_text_encoder"] is False
+    assert ExperimentConfig.from_dict(true.to_dict(), check_model=False) == true
+    bad = _write_variant(tmp_path, lambda r: r["train"].__setitem__("freeze_text_encoder", "yes"), "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.freeze_text_encoder: expected true or false"):
+        ExperimentConfig.from_yaml(bad, check_model=False)
+    # The Snakefile's JSON schema accepts the key and refuses a non-boolean.
+    import jsonschema
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    jsonschema.validate(true.to_dict(), schema)
+    with pytest.raises(jsonschema.ValidationError, match="freeze_text_encoder|'yes'"):
+        jsonschema.validate(yaml.safe_load(bad.read_text()), schema)

@@ -130,9 +130,12 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
-def _check_keys(raw: dict, spec: dict[str, Checker], where: str, required: bool = True) -> dict[str, Any]:
-    """Check every key of `raw` against `spec`: unknown keys and (if `required`) missing keys are errors."""
+def _check_keys(raw: dict, spec: dict[str, Checker], where: str, required: bool = True,
+                defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every key of `raw` against `spec`: unknown keys and (if `required`) missing keys are errors;
+    a key of `defaults` may be left out and then takes its default."""
     valid = ", ".join(spec)
+    defaults = defaults or {}
     for key in raw:
         if key not in spec:
             _fail(_join(where, str(key)), f"unknown key; valid: {valid}")
@@ -140,8 +143,10 @@ def _check_keys(raw: dict, spec: dict[str, Checker], where: str, required: bool 
     for key, checker in spec.items():
         path = _join(where, key)
         if key not in raw:
-            if required:
-                _fail(path, f"missing key; required: {valid}")
+            if key in defaults:
+                out[key] = defaults[key]
+            elif required:
+                _fail(path, f"missing key; required: {', '.join(k for k in spec if k not in defaults)}")
             continue
         out[key] = checker(raw[key], path)
     return out
@@ -189,6 +194,9 @@ class TrainConfig:
     num_workers: int
     val_subset: int | None
     deterministic: bool
+    # True: the text encoder keeps its pretrained weights (no gradients, eval mode, out of the optimizer),
+    # and checkpoints reference those weights by name and hash instead of copying them.
+    freeze_text_encoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,7 +288,11 @@ _TRAIN_SPEC: dict[str, Checker] = {
     "num_workers": _as_int(0),
     "val_subset": _optional(_as_int(1)),
     "deterministic": _as_bool,
+    "freeze_text_encoder": _as_bool,
 }
+# Keys added after the first params files: optional, and left out of config_hash at their default, so
+# the hash (and resumability) of a file that does not use them is unchanged.
+_TRAIN_DEFAULTS: dict[str, Any] = {"freeze_text_encoder": False}
 
 _EVALUATE_SPEC: dict[str, Checker] = {
     "protocol": _as_str(PROTOCOLS),
@@ -318,9 +330,9 @@ def _tables(value: Any, where: str) -> dict[str, TableSpec]:
 _EXPERIMENTS_SPEC: dict[str, Checker] = {"resolutions": _resolutions, "tables": _tables}
 
 
-def _section(checker_spec: dict[str, Checker], cls: type) -> Checker:
+def _section(checker_spec: dict[str, Checker], cls: type, defaults: dict[str, Any] | None = None) -> Checker:
     def check(value: Any, where: str) -> Any:
-        return cls(**_check_keys(_mapping(value, where), checker_spec, where))
+        return cls(**_check_keys(_mapping(value, where), checker_spec, where, defaults=defaults))
 
     return check
 
@@ -338,7 +350,7 @@ _TOP_SPEC: dict[str, Checker] = {
     "results": _as_str(),
     "data": _section(_DATA_SPEC, DataConfig),
     "model": _model_section,
-    "train": _section(_TRAIN_SPEC, TrainConfig),
+    "train": _section(_TRAIN_SPEC, TrainConfig, _TRAIN_DEFAULTS),
     "evaluate": _section(_EVALUATE_SPEC, EvaluateConfig),
     "tracking": _section(_TRACKING_SPEC, TrackingSection),
     "experiments": _section(_EXPERIMENTS_SPEC, ExperimentsConfig),
@@ -493,5 +505,9 @@ class ExperimentConfig:
 
     def config_hash(self) -> str:
         """sha256 (hex, first 16 chars) of the normalised config: stable across key order and formatting."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        for key, default in _TRAIN_DEFAULTS.items():
+            if d["train"].get(key) == default:
+                del d["train"][key]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
