@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -121,6 +122,18 @@ class TextEncoder(nn.Module):
         self.max_text_len = max_text_len
         self.width = int(model.config.hidden_size)
 
+    frozen = False  # set by freeze()
+
+    def freeze(self) -> "TextEncoder":
+        """Keep the pretrained weights from now on: no gradients, eval mode (no dropout) whatever the
+        enclosing model is switched to, and forward under no_grad (no autograd graph for the encoder)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(mode and not self.frozen)
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids, attention_mask), LongTensors (B, max_text_len), padded/truncated."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -133,7 +146,8 @@ class TextEncoder(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_padding: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        with torch.no_grad() if self.frozen else contextlib.nullcontext():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         tokens = out.last_hidden_state
         if self.pooling == "pooler":
             pooled = out.pooler_output
