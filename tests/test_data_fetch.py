@@ -8,6 +8,7 @@ import http.server
 import os
 import stat
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path in srv.missing or self.path not in srv.files:
             self.send_error(404, "Not Found")
             return
+        if self.path in srv.stall:  # answer later than the client's timeout
+            time.sleep(srv.stall[self.path])
         data = srv.files[self.path]
         if self.path in srv.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
@@ -44,8 +47,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if self.path in srv.content_type:
+            self.send_header("Content-Type", srv.content_type[self.path])
+        if self.path not in srv.no_length:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if srv.cut_times.get(self.path, 0) > 0:  # cut the transfer half-way, that many times
+            srv.cut_times[self.path] -= 1
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if self.path in srv.cut_once:  # cut the transfer half-way, once
             srv.cut_once.discard(self.path)
             self.wfile.write(body[: len(body) // 2])
@@ -66,6 +78,7 @@ def server():
     httpd.files, httpd.requests = {}, []
     httpd.missing, httpd.corrupt, httpd.cut_once = set(), set(), set()
     httpd.ignore_range = False
+    httpd.content_type, httpd.no_length, httpd.cut_times, httpd.stall = {}, set(), {}, {}
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -278,3 +291,105 @@ def test_fetch_dataset_downloads_and_extracts_each_archive(server, tmp_path):
     assert (root / "toy" / "refs(unc).p").read_bytes() == b"p"
     assert (root / "train2014" / "COCO_train2014_000000000001.jpg").read_bytes() == b"jpg"
     assert is_extracted(root / "refs.zip", root) and is_extracted(root / "imgs.zip", root)
+
+
+# --- issue 12 items 1, 2, 7: mirrors that serve pages, leftovers of another file, progress-only retries ---
+
+RATE_LIMIT_PAGE = b"Too many requests; slow down and try later.\n" * 2  # 90 bytes, not an archive
+
+
+def test_page_without_length_on_first_mirror_does_not_poison_the_next(server, tmp_path):
+    # mirror 1 answers 200, no Content-Length, a short non-archive body (a rate-limit page as octet-stream)
+    server.files["/m1/blob.zip"] = RATE_LIMIT_PAGE
+    server.no_length.add("/m1/blob.zip")
+    server.ignore_range = True  # like such a mirror, it answers every request with the page
+    server.files["/m2/blob.zip"] = PAYLOAD
+    cat = _catalog(tmp_path, [server.base + "/m1/blob.zip", server.base + "/m2/blob.zip"])
+    (path,) = fetch("blob", tmp_path, datasets_yaml=cat, retries=1, backoff=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    m2 = [rng for p, rng in server.requests if p == "/m2/blob.zip"]
+    assert m2 == [None]  # the new mirror starts from byte 0, never resumes the page's bytes
+    assert not (tmp_path / "blob.zip.corrupt").exists()
+
+
+def test_html_page_is_refused_before_anything_is_written(server, tmp_path):
+    server.files["/m1/blob.zip"] = b"<html><body>rate limited</body></html>"
+    server.content_type["/m1/blob.zip"] = "text/html; charset=utf-8"
+    server.no_length.add("/m1/blob.zip")
+    cat = _catalog(tmp_path, [server.base + "/m1/blob.zip"])
+    with pytest.raises(FetchError, match=r"m1/blob\.zip: served a web page \(Content-Type text/html\)"):
+        fetch("blob", tmp_path, datasets_yaml=cat, backoff=0, progress=False)
+    assert len(server.requests) == 1  # a page is not retried on the same mirror
+    assert not (tmp_path / "blob.zip.part").exists()
+    server.files["/m2/blob.zip"] = PAYLOAD
+    cat = _catalog(tmp_path, [server.base + "/m1/blob.zip", server.base + "/m2/blob.zip"])
+    (path,) = fetch("blob", tmp_path, datasets_yaml=cat, backoff=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests[-1] == ("/m2/blob.zip", None)
+
+
+def test_leftover_part_of_another_file_is_fetched_again_from_zero(server, tmp_path):
+    server.files["/blob.zip"] = PAYLOAD
+    cat = _catalog(tmp_path, [server.base + "/blob.zip"])
+    (tmp_path / "blob.zip.part").write_bytes(os.urandom(1000))  # from some other download
+    (path,) = fetch("blob", tmp_path, datasets_yaml=cat, backoff=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert [rng for _, rng in server.requests] == ["bytes=1000-", None]  # resumed, then once from 0
+    assert not (tmp_path / "blob.zip.part").exists()
+
+
+def test_checksum_error_of_a_resumed_leftover_says_so(server, tmp_path):
+    server.files["/blob.zip"] = PAYLOAD
+    server.corrupt.add("/blob.zip")  # the mirror itself serves a bad file: the retry from 0 fails too
+    cat = _catalog(tmp_path, [server.base + "/blob.zip"])
+    (tmp_path / "blob.zip.part").write_bytes(os.urandom(1000))
+    with pytest.raises(ChecksumError) as info:
+        fetch("blob", tmp_path, datasets_yaml=cat, backoff=0, progress=False)
+    msg = str(info.value)
+    assert "resumed a leftover blob.zip.part of 1000 bytes" in msg and "retried from byte 0" in msg
+    assert [rng for _, rng in server.requests] == ["bytes=1000-", None]
+    assert (tmp_path / "blob.zip.corrupt").read_bytes()[1:] == PAYLOAD[1:]  # the from-0 copy is kept aside
+
+
+def test_only_attempts_without_progress_count_toward_retries(server, tmp_path):
+    server.files["/blob.zip"] = PAYLOAD
+    server.cut_times["/blob.zip"] = 6  # six cuts, each after new bytes arrived
+    cat = _catalog(tmp_path, [server.base + "/blob.zip"])
+    (path,) = fetch("blob", tmp_path, datasets_yaml=cat, retries=1, backoff=0, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert len(server.requests) == 7
+    # each resume asks for the byte after the last one received
+    have, expected = 0, []
+    for _ in range(6):
+        have += (len(PAYLOAD) - have) // 2
+        expected.append(f"bytes={have}-")
+    assert [rng for _, rng in server.requests[1:]] == expected
+
+
+def test_attempts_without_progress_exhaust_the_retries(server, tmp_path):
+    server.files["/blob.zip"] = RATE_LIMIT_PAGE  # announced size never reached
+    server.no_length.add("/blob.zip")
+    server.ignore_range = True
+    cat = _catalog(tmp_path, [server.base + "/blob.zip"])
+    with pytest.raises(FetchError, match=r"after 3 attempts"):  # 1 with progress + 2 without (retries=1)
+        fetch("blob", tmp_path, datasets_yaml=cat, retries=1, backoff=0, progress=False)
+
+
+def test_cli_fetch_retries_and_timeout(server, tmp_path, capsys):
+    from remamber.cli import main
+
+    server.files["/slow/blob.zip"] = PAYLOAD
+    server.stall["/slow/blob.zip"] = 1.5
+    cat = _catalog(tmp_path, [server.base + "/slow/blob.zip"])
+    t0 = time.monotonic()
+    rc = main(["fetch", "blob", "--dest", str(tmp_path / "raw"), "--datasets-yaml", str(cat),
+               "--retries", "0", "--timeout", "0.3"])
+    assert rc == 2 and time.monotonic() - t0 < 1.4  # one attempt, cut by the 0.3 s timeout
+    err = capsys.readouterr().err  # after the progress bar's lines
+    assert "\nremamber: error: blob.zip: all 1 mirror(s) failed" in err
+    assert "timed out" in err and "(after 1 attempt)" in err
+    assert len(server.requests) == 1
+    for bad in (["--retries", "-1"], ["--timeout", "0"], ["--timeout", "soon"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fetch", "blob", "--dest", str(tmp_path), *bad])
+        assert exit_info.value.code == 2

@@ -1,9 +1,10 @@
 """Download, verify and extract the archives of `params/datasets.yaml`.
 
-`fetch` streams each archive into `<name>.part` (resumed over HTTP Range after a cut), retries transient
-failures with exponential backoff, falls back to the next mirror on a permanent failure, verifies size and
-checksum, and only then renames the file into place. A file that fails verification is moved aside as
-`<name>.corrupt`, never left where a later step would use it. `extract` refuses entries that would land
+`fetch` streams each archive into `<name>.part` (resumed over HTTP Range after a cut), retries failures
+that made no progress with exponential backoff, falls back to the next mirror (from byte 0) on a permanent
+failure or a web page served instead of the archive, verifies size and checksum (once more from byte 0 when
+a resumed file fails), and only then renames the file into place. A file that fails verification is moved
+aside as `<name>.corrupt`, never left where a later step would use it. `extract` refuses entries that would land
 outside the target folder and writes a marker only once every entry is in place.
 """
 
@@ -51,6 +52,10 @@ class DiskFullError(FetchError):
 
 class UnsafeArchiveError(RemamberError, ValueError):
     """An archive entry would land outside the target folder (absolute path, `..`, symlink)."""
+
+
+class CorruptArchiveError(RemamberError, ValueError):
+    """An archive that cannot be read (not a zip, truncated, a corrupt entry)."""
 
 
 class _Transient(Exception):
@@ -127,14 +132,25 @@ def _content_range_start(header: str | None) -> int | None:
         return None
 
 
-def _transfer(url: str, part: Path, spec: ArchiveSpec, timeout: float, bar: tqdm) -> None:
-    """Bring `part` to `spec.size` bytes from `url`, resuming from its current length."""
-    have = part.stat().st_size if part.exists() else 0
+# Content types that are never an archive: an error, rate-limit or login page served with status 200.
+_PAGE_TYPES = ("text/html", "application/xhtml+xml")
+
+
+def _part_size(part: Path) -> int:
+    return part.stat().st_size if part.exists() else 0
+
+
+def _transfer(url: str, part: Path, spec: ArchiveSpec, timeout: float, bar: tqdm) -> bool:
+    """Bring `part` to `spec.size` bytes from `url`, resuming from its current length.
+
+    Returns True when bytes were appended to an earlier transfer's (a resume), False for a fresh file.
+    """
+    have = _part_size(part)
     if have > spec.size:
         part.unlink()
         have = 0
     if have == spec.size:
-        return
+        return True
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -151,6 +167,10 @@ def _transfer(url: str, part: Path, spec: ArchiveSpec, timeout: float, bar: tqdm
     except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
         raise _Transient(f"{type(exc).__name__}: {exc}") from exc
     with response:
+        content_type = response.headers.get_content_type()
+        if content_type in _PAGE_TYPES:  # checked before a byte is written: a page must never enter .part
+            raise _Permanent(f"served a web page (Content-Type {content_type}) instead of the archive; "
+                             f"the mirror may be rate-limiting or down")
         if have and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range"))
             if start != have:
@@ -181,15 +201,71 @@ def _transfer(url: str, part: Path, spec: ArchiveSpec, timeout: float, bar: tqdm
     if got > spec.size:
         part.unlink()
         raise _Permanent(f"received {got} bytes, expected {spec.size}")
+    return mode == "ab"
+
+
+def _from_url(url: str, part: Path, spec: ArchiveSpec, retries: int, backoff: float, timeout: float,
+              progress: bool, bar: tqdm, leftover: int) -> tuple[bool, str, bool]:
+    """Try one mirror: (True, "", False) once `part` holds the verified file, else (False, reason,
+    was_checksum). `leftover`: bytes of a `.part` found at the start (resumed, origin unknown)."""
+    attempts = no_progress = 0
+    best = _part_size(part)  # only an attempt that takes .part past its longest counts as progress
+    resumed = False
+    notes: list[str] = []  # what happened before a restart from byte 0, for the final message
+    retried_from_zero = False
+    while True:
+        attempts += 1
+        try:
+            resumed = _transfer(url, part, spec, timeout, bar)
+            if not resumed:
+                leftover = 0  # a fresh file: no byte of the leftover is in it any more
+        except _Transient as exc:
+            size = _part_size(part)
+            if size > best:
+                best, no_progress = size, 0
+                log.warning("%s: attempt %d cut after progress to %d bytes (%s); resuming", url, attempts,
+                            size, exc)
+            else:
+                no_progress += 1
+                log.warning("%s: attempt %d failed without progress (%d of %d allowed): %s", url, attempts,
+                            no_progress, retries + 1, exc)
+                if no_progress > retries:
+                    return False, "; ".join([*notes, f"{exc} (after {attempts} attempt{'s' if attempts > 1 else ''})"]), False
+            time.sleep(backoff * 2 ** max(no_progress - 1, 0))
+            continue
+        except _Permanent as exc:
+            return False, "; ".join([*notes, str(exc)]), False
+        digest = file_digest(part, spec.algo, progress)
+        if digest == spec.checksum:
+            return True, "", False
+        mismatch = f"{spec.algo} mismatch: expected {spec.checksum}, got {digest}"
+        if resumed and not retried_from_zero:
+            # the bytes before the resume may belong to another file or version: one more try from scratch
+            what = (f"resumed a leftover {part.name} of {leftover} bytes" if leftover
+                    else "resumed a cut transfer")
+            notes.append(f"{mismatch} ({what}); retried from byte 0")
+            log.warning("%s: %s (%s); retrying from byte 0", url, mismatch, what)
+            part.unlink()
+            retried_from_zero, resumed, leftover = True, False, 0
+            best = no_progress = 0
+            continue
+        corrupt = _move_aside(part)
+        return False, "; ".join([*notes, f"{mismatch}; moved aside to {corrupt}"]), True
 
 
 def download(spec: ArchiveSpec, dest_dir: str | os.PathLike, retries: int = 4, backoff: float = 1.0,
              timeout: float = 60.0, progress: bool = True) -> Path:
     """Download one archive into `dest_dir/spec.filename`, verified; returns its path.
 
-    Each URL gets `1 + retries` attempts for transient failures (sleeping `backoff * 2**k` seconds between
-    them); a permanent failure moves on to the next URL at once.
+    Each URL may fail `1 + retries` attempts without progress (cut transfers, timeouts, 5xx), sleeping
+    `backoff * 2**k` seconds between them; an attempt that brings the file further does not count, so a
+    long download over a flaky link is resumed as often as it moves forward. A permanent failure (404, a
+    web page instead of the archive, a wrong size) moves on to the next URL at once, and every mirror after
+    the first starts from byte 0: bytes of one server are never completed by another's. A file that fails
+    its checksum after a resume is fetched once more from byte 0 before it counts as corrupt.
     """
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / spec.filename
@@ -201,33 +277,25 @@ def download(spec: ArchiveSpec, dest_dir: str | os.PathLike, retries: int = 4, b
         _sidecar(dest).unlink(missing_ok=True)
         log.warning("%s failed verification; moved aside to %s", dest, corrupt)
     part = dest.with_name(dest.name + ".part")
+    leftover = _part_size(part)
+    if leftover:
+        log.info("%s: resuming a leftover %s of %d bytes", spec.filename, part.name, leftover)
     failures: list[tuple[str, str, bool]] = []  # (url, reason, was_checksum)
     with tqdm(total=spec.size, unit="B", unit_scale=True, unit_divisor=1024, desc=spec.filename,
               disable=not progress) as bar:
-        for url in spec.urls:
-            for attempt in range(retries + 1):
-                try:
-                    _transfer(url, part, spec, timeout, bar)
-                except _Transient as exc:
-                    reason = str(exc)
-                    log.warning("%s: attempt %d/%d failed: %s", url, attempt + 1, retries + 1, reason)
-                    if attempt < retries:
-                        time.sleep(backoff * 2**attempt)
-                        continue
-                    failures.append((url, f"{reason} (after {retries + 1} attempts)", False))
-                    break
-                except _Permanent as exc:
-                    failures.append((url, str(exc), False))
-                    break
-                digest = file_digest(part, spec.algo, progress)
-                if digest != spec.checksum:
-                    corrupt = _move_aside(part)
-                    failures.append((url, f"{spec.algo} mismatch: expected {spec.checksum}, got {digest}; "
-                                          f"moved aside to {corrupt}", True))
-                    break
+        for i, url in enumerate(spec.urls):
+            if i and part.exists():
+                log.info("%s: new mirror %s, discarding %d bytes of the previous one", spec.filename, url,
+                         _part_size(part))
+                part.unlink()
+                leftover = 0
+            ok, reason, was_checksum = _from_url(url, part, spec, retries, backoff, timeout, progress, bar,
+                                                 leftover)
+            if ok:
                 os.replace(part, dest)
                 atomic_write_json(_sidecar(dest), _stamp(dest, spec))
                 return dest
+            failures.append((url, reason, was_checksum))
     detail = "\n".join(f"  {url}: {reason}" for url, reason, _ in failures)
     if failures and all(is_checksum for _, _, is_checksum in failures):
         raise ChecksumError(f"{spec.filename}: checksum verification failed on every mirror:\n{detail}")
@@ -281,7 +349,7 @@ def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, progress: b
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
-        raise ValueError(f"{archive}: not a valid zip archive ({exc}); delete it and fetch again") from exc
+        raise CorruptArchiveError(f"{archive}: not a valid zip archive ({exc}); delete it and fetch again") from exc
     with zf:
         infos = zf.infolist()
         members = []
@@ -306,7 +374,8 @@ def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike, progress: b
                     os.replace(tmp, target)
                 except zipfile.BadZipFile as exc:
                     tmp.unlink(missing_ok=True)
-                    raise ValueError(f"{archive}: entry {info.filename!r} is corrupt ({exc})") from exc
+                    raise CorruptArchiveError(f"{archive}: entry {info.filename!r} is corrupt ({exc}); delete the "
+                                              f"archive and fetch again") from exc
                 except OSError as exc:
                     tmp.unlink(missing_ok=True)
                     if exc.errno == errno.ENOSPC:
