@@ -16,11 +16,13 @@ from remamber.models.decoder import ConvDecoder, MambaDecoder, build_decoder
 from remamber.models.in_context import InContextBlock
 from remamber.models.interaction import LocalInteraction
 from remamber.models.norm_adaptation import FiLMLayerNorm2d
-from remamber.models.twisting import ChannelScan, TwistingLayer
+from remamber.models.twisting import ChannelScan, TwisterStage, TwistingLayer
 
 
 def _reference_channel_scan(module: ChannelScan, cube: torch.Tensor) -> torch.Tensor:
-    """Channel Scan from its definition, float64, one channel step at a time."""
+    """Channel Scan from the authors' definition, float64, one channel step at a time: the full 3x3
+    depthwise conv on the 1 x S map, then four selective scans over [x, x, flip(x), flip(x)], each
+    with its own parameters, un-flipped and summed."""
     p = {k: v.detach().double() for k, v in module.state_dict().items()}
     b, s, h, w = cube.shape
     g = module.grid
@@ -28,19 +30,16 @@ def _reference_channel_scan(module: ChannelScan, cube: torch.Tensor) -> torch.Te
     xz = pooled @ p["in_proj.weight"].T  # (B, S, 2W)
     width = xz.shape[-1] // 2
     x, z = xz[..., :width], xz[..., width:]
-    kernel = p["conv1d.weight"][:, 0, :]  # (W, 3)
-    conv = torch.zeros_like(x)
-    for t in range(s):  # width-3 depthwise conv along the channel sequence, zero padded
-        for j, offset in enumerate((-1, 0, 1)):
-            if 0 <= t + offset < s:
-                conv[:, t] += kernel[:, j] * x[:, t + offset]
+    one_row = x.transpose(1, 2)[:, :, None, :]  # (B, W, 1, S): the authors' 1-pixel-high map
+    conv = F.conv2d(one_row, p["conv2d.weight"], padding=1, groups=width)[:, :, 0].transpose(1, 2)
     u = F.silu(conv)  # (B, S, W)
     n = p["A_logs"].shape[1]
     r = p["dt_projs_weight"].shape[2]
-    a = -torch.exp(p["A_logs"]).reshape(2, width, n)
-    dskip = p["Ds"].reshape(2, width)
+    a = -torch.exp(p["A_logs"]).reshape(4, width, n)
+    dskip = p["Ds"].reshape(4, width)
     y = torch.zeros(b, s, width, dtype=torch.float64)
-    for k, steps in enumerate((range(s), reversed(range(s)))):
+    orders = (range(s), range(s), reversed(range(s)), reversed(range(s)))
+    for k, steps in enumerate(orders):
         state = torch.zeros(b, width, n, dtype=torch.float64)
         for t in steps:
             proj = u[:, t] @ p["x_proj_weight"][k].T
@@ -57,14 +56,41 @@ def _reference_channel_scan(module: ChannelScan, cube: torch.Tensor) -> torch.Te
 def test_channel_scan_matches_float64_reference(hw):
     torch.manual_seed(0)
     module = ChannelScan(grid=4, width=6, d_state=2)
-    with torch.no_grad():
-        module.A_logs.add_(0.3 * torch.randn_like(module.A_logs))
-        module.dt_projs_bias.add_(torch.rand_like(module.dt_projs_bias))
-        module.conv1d.weight.normal_()
+    with torch.no_grad():  # every direction's parameters different, so a shared or unused set shows
+        for name in ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds"):
+            getattr(module, name).add_(0.3 * torch.randn_like(getattr(module, name)))
+        module.conv2d.weight.normal_()
+        module.out_norm.weight.normal_()
+    assert module.x_proj_weight.shape[0] == 4 and module.conv2d.weight.shape == (6, 1, 3, 3)
     cube = torch.randn(2, 9, *hw)
     got = module(cube)
     assert got.shape == cube.shape
     torch.testing.assert_close(got.double(), _reference_channel_scan(module, cube), rtol=1e-4, atol=1e-5)
+
+
+def test_twister_stage_second_block_gets_the_conditions_plus_their_first_norm():
+    """The authors' stage: block k returns [img + Twisting(cube), g + LN_k(g), l + LN_k(l)], so block 2
+    builds its cube from LN_2(g + LN_1(g)) and LN_2(l + LN_1(l)). Reference by explicit composition."""
+    torch.manual_seed(0)
+    stage = TwisterStage(dim=6, text_dim=5, max_text_len=4, depth=2, local_dim=7, grid=4, width=8)
+    with torch.no_grad():
+        for block in stage.blocks:  # norms away from the identity, as after training
+            block.norm.weight.copy_(1 + torch.randn(6))
+            block.norm.bias.copy_(torch.randn(6))
+    image, words, pooled = torch.randn(2, 6, 5, 3), torch.randn(2, 4, 5), torch.randn(2, 5)
+
+    def ln(x, block):  # LayerNorm over channels of (B, C, h, w)
+        return F.layer_norm(x.permute(0, 2, 3, 1), (6,), block.norm.weight, block.norm.bias, block.norm.eps).permute(0, 3, 1, 2)
+
+    g = stage.global_interaction(pooled)[:, :, None, None].expand(2, 6, 5, 3)
+    l, _ = stage.local_interaction(image, words, None)
+    img = image
+    for block in stage.blocks:
+        cube = torch.cat([ln(img, block), ln(g, block), ln(l, block)], dim=1)
+        img = img + block.twisting(cube)
+        g, l = g + ln(g, block), l + ln(l, block)
+    got = stage(image, words, pooled, None)
+    torch.testing.assert_close(got, img, rtol=1e-5, atol=1e-5)
 
 
 def test_channel_scan_mixes_channels_and_spatial_scan_does_not_reorder_them():

@@ -6,10 +6,12 @@ Reading order, as in the paper:
               shared by the three inputs of the block.
   3. Eq. 7    F_out = SSM_spatial(SSM_channel(cube)):
               ChannelScan: the cube resampled to a fixed G x G grid; its channels are the sequence and
-              the G*G pooled positions the features of each step (a gated, bidirectional SS block);
+              the G*G pooled positions the features of each step (a gated SS block scanning
+              [x, x, flip(x), flip(x)] with four parameter sets, as the authors' code);
               resampled back to h x w and added to the cube as a residual.
               SpatialScan: an SS2D whose in_proj maps 3C -> 2C, four-direction scan, out_proj 2C -> C.
-  4. The block adds F_out to the image path (residual); two blocks per stage.
+  4. The block adds F_out to the image path (residual); two blocks per stage. As in the authors'
+     stage, the second block's conditions are g + LN1(g) and l + LN1(l) (LN1: the first block's norm).
 
 Scan-order ablations (paper Table 3), with the minimal projections where shapes must meet:
   channel_spatial  out = SS(cube + CS(cube))                     (the paper's default)
@@ -43,19 +45,25 @@ class ChannelScan(nn.Module):
     """SSM along the channel axis: (B, S, h, w) -> (B, S, h, w) (the residual branch only).
 
     The map is resampled (bilinear) to grid x grid; the S channels become a sequence of S steps with
-    grid^2 features each. in_proj (grid^2 -> 2 x width) splits into x and z; x goes through a width-3
-    depthwise conv along the sequence, SiLU and a bidirectional selective scan, then LayerNorm and the
-    gate SiLU(z); out_proj (width -> grid^2); resampled back to h x w.
+    grid^2 features each. in_proj (grid^2 -> 2 x width) splits into x and z; x goes through a
+    depthwise conv along the sequence and SiLU; four selective scans, each with its own parameters,
+    run over [x, x, flip(x), flip(x)] and their outputs (un-flipped) are summed in fp32; then
+    LayerNorm and the gate SiLU(z); out_proj (width -> grid^2); resampled back to h x w.
+
+    This is the authors' channel scan (an SS2D over a 1 x S map whose "bidirectional" cross-scan
+    copies each direction twice). Their conv is 3x3 over that 1-pixel-high map: only the kernel's
+    middle row ever meets data (the outer rows meet zero padding and get zero gradient), so we keep
+    the 3x3 weight for the authors' parameter count and apply its middle row as a width-3 1-D conv.
     """
 
-    directions = 2
+    directions = 4
 
     def __init__(self, grid: int = 16, width: int = 512, d_state: int = 1, dt_rank: int | str = "auto") -> None:
         super().__init__()
         self.grid = grid
         features = grid * grid
         self.in_proj = nn.Linear(features, 2 * width, bias=False)
-        self.conv1d = nn.Conv1d(width, width, kernel_size=3, padding=1, groups=width, bias=False)
+        self.conv2d = nn.Conv2d(width, width, kernel_size=3, padding=1, groups=width, bias=False)
         self.act = nn.SiLU()
         add_ssm_parameters(self, self.directions, width, d_state, resolve_dt_rank(dt_rank, features))
         self.out_norm = nn.LayerNorm(width)
@@ -66,9 +74,11 @@ class ChannelScan(nn.Module):
         g = self.grid
         pooled = F.interpolate(cube, size=(g, g), mode="bilinear", align_corners=False)
         x, z = self.in_proj(pooled.reshape(b, s, g * g)).chunk(2, dim=-1)  # (B, S, width) each
-        x = self.act(_depthwise_conv3(x.transpose(1, 2), self.conv1d.weight))  # (B, width, S)
-        y = bidirectional_merge(directional_scan(self, bidirectional_scan(x)))  # (B, width, S)
-        y = self.out_norm(y.transpose(1, 2)) * self.act(z)  # (B, S, width)
+        x = self.act(_depthwise_conv3(x.transpose(1, 2), self.conv2d.weight[:, :, 1]))  # (B, width, S)
+        xs = bidirectional_scan(x).repeat_interleave(2, dim=1)  # (B, 4, width, S): x, x, flip(x), flip(x)
+        ys = directional_scan(self, xs).float()  # the authors sum the four directions in fp32
+        y = bidirectional_merge(ys[:, 0::2] + ys[:, 1::2])  # (B, width, S)
+        y = self.out_norm(y.transpose(1, 2)).to(z.dtype) * self.act(z)  # (B, S, width)
         out = self.out_proj(y).reshape(b, s, g, g)
         return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
 
@@ -137,6 +147,9 @@ class TwisterBlock(nn.Module):
 
     `conditions` are the (B, C, h, w) text parts of the cube (global and/or local), or a (B, C)
     vector for the global part, which is normalised before expansion (same result, less work).
+    Returns the new image and the conditions for the next block, cond + LN(cond): the authors'
+    block applies its residual to every input of the list, and the Twisting layer hands the
+    normalised conditions through unchanged.
     """
 
     def __init__(self, dim: int, parts: int, **twisting_kwargs) -> None:
@@ -144,17 +157,23 @@ class TwisterBlock(nn.Module):
         self.norm = LayerNorm2d(dim)
         self.twisting = TwistingLayer(dim, parts * dim, **twisting_kwargs)
 
-    def forward(self, image: torch.Tensor, conditions: list[torch.Tensor], record: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, conditions: list[torch.Tensor], record: dict | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         b, c, h, w = image.shape
         parts = [self.norm(image)]
+        next_conditions = []
         for cond in conditions:
             if cond.dim() == 2:
                 vec = F.layer_norm(cond, (c,), self.norm.weight, self.norm.bias, self.norm.eps)
                 parts.append(vec[:, :, None, None].expand(b, c, h, w))
+                next_conditions.append(cond + vec)
             else:
-                parts.append(self.norm(cond))
+                normed = self.norm(cond)
+                parts.append(normed)
+                next_conditions.append(cond + normed)
         cube = torch.cat(parts, dim=1)  # Eq. 6
-        return image + self.twisting(cube, record)
+        return image + self.twisting(cube, record), next_conditions
 
 
 class TwisterStage(nn.Module):
@@ -212,7 +231,7 @@ class TwisterStage(nn.Module):
         for block in self.blocks:
             if block_record is not None:
                 block_record.clear()
-            image = block(image, conditions, block_record)
+            image, conditions = block(image, conditions, block_record)
         if record is not None:
             record.update(block_record)
             record["cube_slices"] = {n: (i * self.dim, (i + 1) * self.dim) for i, n in enumerate(self.cube_parts)}
