@@ -15,3 +15,108 @@ def test_version_flag_prints_package_version():
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "usage: remamber" in capsys.readouterr().out
+
+
+# --- issue 12 item 6: the project's errors reach the user as one line, exit status 2 ------------------
+
+import os  # noqa: E402
+import pickle  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+def _error_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """command line -> the start of the message it must print (one case per kind of project error)."""
+    (tmp_path / "evil" / "refcoco").mkdir(parents=True)
+    (tmp_path / "evil" / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([_Evil()], protocol=2))
+    (tmp_path / "bad.yaml").write_text("name: x\nepocs: 3\n")
+    (tmp_path / "datasets.yaml").write_text("archives: {}\ndatasets: {}\n")
+    return {
+        "malformed annotation": (["preprocess", "--data-root", str(tmp_path / "none"), "--dataset", "refcoco",
+                                  "--out", str(tmp_path / "idx")], f"{tmp_path / 'none' / 'refcoco'}"),
+        "unsafe pickle": (["preprocess", "--data-root", str(tmp_path / "evil"), "--dataset", "refcoco",
+                           "--out", str(tmp_path / "idx")], f"{tmp_path / 'evil' / 'refcoco' / 'refs(unc).p'}: "
+                                                              f"refusing to load global"),
+        "split_by": (["preprocess", "--data-root", str(tmp_path), "--dataset", "toy", "--out",
+                      str(tmp_path / "idx")], "no default split_by for dataset 'toy'"),
+        "config": (["plan", "--config", str(tmp_path / "bad.yaml")], f"{tmp_path / 'bad.yaml'}"),
+        "catalog": (["fetch", "refcoco", "--dest", str(tmp_path), "--datasets-yaml", str(tmp_path / "datasets.yaml")],
+                    f"{tmp_path / 'datasets.yaml'}: unknown archive 'refcoco'"),
+        "missing file": (["summarize", str(tmp_path / "nope.json"), "--out", str(tmp_path / "m.json")],
+                         f"{tmp_path / 'nope.json'}: not a readable metrics JSON"),
+    }
+
+
+@pytest.mark.parametrize("case", ["malformed annotation", "unsafe pickle", "split_by", "config", "catalog",
+                                  "missing file"])
+def test_project_errors_are_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("REMAMBER_DEBUG", raising=False)
+    argv, start = _error_cases(tmp_path)[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"remamber: error: {start}"), err
+    assert "Traceback" not in err
+    if case == "split_by":
+        assert "pass --split-by" in err
+
+
+def test_debug_flag_or_environment_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    argv, start = _error_cases(tmp_path)["unsafe pickle"]
+    monkeypatch.delenv("REMAMBER_DEBUG", raising=False)
+    for args in (["--debug", *argv], [*argv, "--debug"]):  # before or after the subcommand
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "UnsafePickleError" in err
+        assert err.rstrip().splitlines()[-1].startswith(f"remamber: error: {start}")
+    monkeypatch.setenv("REMAMBER_DEBUG", "1")
+    assert main(argv) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("REMAMBER_DEBUG", "0")
+    assert main(argv) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_command_line_subprocess_prints_only_the_message(tmp_path):
+    argv, start = _error_cases(tmp_path)["unsafe pickle"]
+    env = {k: v for k, v in os.environ.items() if k != "REMAMBER_DEBUG"}
+    out = subprocess.run([sys.executable, "-m", "remamber.cli", *argv], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [out.stderr.strip()]  # exactly one line
+    assert out.stderr.startswith(f"remamber: error: {start}")
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, capsys):
+    import remamber.cli as cli
+
+    def boom(args):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "cmd_plan", boom)
+    with pytest.raises(ZeroDivisionError):
+        main(["plan", "--config", "x.yaml"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["evaluate", "--checkpoint", "c.pt", "--split", "val", "--out", "o", "--batch-size", "0"],
+     "--batch-size: must be at least 1, got 0"),
+    (["evaluate", "--checkpoint", "c.pt", "--split", "val", "--out", "o", "--batch-size", "-3"],
+     "--batch-size: must be at least 1, got -3"),
+    (["evaluate", "--checkpoint", "c.pt", "--split", "../../x", "--out", "o"],
+     "--split: split '../../x' is not a plain split name"),
+    (["inspect", "--checkpoint", "c.pt", "--split", "val/../train", "--out", "o"],
+     "--split: split 'val/../train' is not a plain split name"),
+    (["evaluate", "--checkpoint", "c.pt", "--split", "val", "--out", "o", "--num-workers", "-1"],
+     "--num-workers: must be 0 or more"),
+    (["--threads", "0", "plan", "--config", "x.yaml"], "--threads: must be at least 1, got 0"),
+])
+def test_bad_option_values_are_refused(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err

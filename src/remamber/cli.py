@@ -8,14 +8,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from remamber import __version__
+from remamber.errors import RemamberError
+
+DEBUG_ENV = "REMAMBER_DEBUG"
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+class CLIError(RemamberError):
+    """A user-facing error of the command line itself: printed as one line, exit status 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _split_name(text: str) -> str:
+    from remamber.data.preprocess import check_split_name
+
+    try:
+        return check_split_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _limit_cpu_threads(n: int) -> None:
@@ -56,7 +100,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_fetch(args: argparse.Namespace) -> None:
     from remamber.data.fetch import fetch
 
-    fetch(args.names, args.dest, datasets_yaml=args.datasets_yaml)
+    fetch(args.names, args.dest, datasets_yaml=args.datasets_yaml, retries=args.retries, timeout=args.timeout)
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
@@ -194,13 +238,30 @@ def cmd_figure(args: argparse.Namespace) -> None:
 # --- parser -------------------------------------------------------------------------------------------
 
 
+def _subparser_class(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """Subcommand parsers that inherit the options of `common` (--debug after the subcommand)."""
+
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("parents", [common])
+            super().__init__(*args, **kwargs)
+
+    return SubParser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="remamber", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"remamber {__version__}")
     parser.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for torch and the scan kernel (default: all)"
+        "--threads", type=_positive_int, default=None,
+        help="CPU threads for torch and the scan kernel (default: all)"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    debug_help = f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # also accepted after the subcommand; SUPPRESS keeps a subcommand from resetting the global flag
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_subparser_class(common))
 
     p = sub.add_parser("synth", help="write the synthetic referring datasets in the refer format")
     p.add_argument("--out", type=Path, required=True)
@@ -212,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="archive names, e.g. refcoco.zip train2014.zip")
     p.add_argument("--dest", type=Path, required=True)
     p.add_argument("--datasets-yaml", type=Path, default=Path("params/datasets.yaml"))
+    p.add_argument("--retries", type=_non_negative_int, default=4,
+                   help="failed attempts without progress allowed per mirror before the next one (default: 4); "
+                        "an attempt that brings new bytes does not count")
+    p.add_argument("--timeout", type=_positive_float, default=60.0,
+                   help="seconds without an answer or data before an attempt fails (default: 60)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser(
@@ -249,13 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a checkpoint on every sentence of a split")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--split", required=True)
+    p.add_argument("--split", type=_split_name, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--protocol", choices=["original", "input"], default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--num-workers", type=_non_negative_int, default=None)
     p.add_argument("--no-tracking", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -269,11 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="dump interaction/attention maps and cube features for the figures")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--split", required=True)
+    p.add_argument("--split", type=_split_name, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--data-root", type=Path, default=None)
-    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--n-samples", type=_positive_int, default=4)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="print the training jobs and evaluations of a params file")
@@ -308,15 +374,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be at least 1, got {args.threads}")
-        _limit_cpu_threads(args.threads)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
+        if args.threads is not None:
+            _limit_cpu_threads(args.threads)
         args.func(args)
-    except CLIError as exc:
-        print(f"remamber {args.command}: error: {exc}", file=sys.stderr)
+    except (RemamberError, OSError) as exc:
+        # the project's errors (and the environment's: missing files, permissions, full disk) carry a
+        # message written for the user; a traceback would bury it. Anything else is a bug: traceback.
+        if debug:
+            traceback.print_exc()
+        print(f"remamber: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("remamber: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -52,10 +52,15 @@ SCHEMA = pa.schema([
 ])
 
 _SPACES = re.compile(r"\s+")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_+-]+")
 
 
 class CountMismatchError(RemamberError, ValueError):
     """Counts of a processed dataset differ from the expected ones."""
+
+
+class IndexDataError(RemamberError, ValueError):
+    """A processed index (or a request for one) that cannot be used: bad split name, empty sentence, ..."""
 
 
 def clean_sentence(raw: str) -> str:
@@ -65,8 +70,17 @@ def clean_sentence(raw: str) -> str:
     return _SPACES.sub(" ", text).strip().lower()
 
 
+def check_split_name(split: str) -> str:
+    """`split` itself when it is a plain name (letters, digits, `_`, `+`, `-`), else a ValueError: a split
+    names a file inside the index folder, so `../x` or `a/b` must never reach the file system."""
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
+        raise IndexDataError(f"split {split!r} is not a plain split name (letters, digits, '_', '+', '-'; "
+                             f"e.g. val, testA)")
+    return split
+
+
 def index_path(index_dir: str | os.PathLike, split: str) -> Path:
-    return Path(index_dir) / f"{split}.parquet"
+    return Path(index_dir) / f"{check_split_name(split)}.parquet"
 
 
 def data_hash(index_dir: str | os.PathLike) -> str:
@@ -143,7 +157,9 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
     if split_by is None:
         if dataset not in DEFAULT_SPLIT_BY:
-            raise ValueError(f"no default split_by for dataset {dataset!r}; pass split_by")
+            raise IndexDataError(f"no default split_by for dataset {dataset!r} (known: "
+                                 f"{', '.join(sorted(DEFAULT_SPLIT_BY))}); pass --split-by (split_by=) with the "
+                                 f"name in its refs(<split_by>).p file, e.g. --split-by unc")
         split_by = DEFAULT_SPLIT_BY[dataset]
     expected, source = _expected_counts(data_root, dataset, split_by, expected_counts)
     refer = load_refer(data_root, dataset, split_by)
