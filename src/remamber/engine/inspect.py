@@ -22,7 +22,6 @@ Cube features are stored as float16 to keep paper-scale dumps small (they only f
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from remamber.engine.checkpoint import load_model
+from remamber.fileio import temp_file_beside
 
 CUBE_KEYS = ("cube", "cube_after_channel", "cube_after_spatial")
 MAP_KEYS = ("interaction_maps", "attention_maps")
@@ -60,7 +60,7 @@ def _denormalise(images: torch.Tensor) -> np.ndarray:
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)  # honours the umask (mkstemp: 0600)
     try:
         with os.fdopen(fd, "wb") as fh:  # a file object: numpy must not append ".npz" to the name
             np.savez_compressed(fh, **arrays)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from remamber.fileio import temp_file_beside
 
 
 @contextlib.contextmanager
@@ -15,7 +16,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     removed, so a reader never sees a half-written file."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent)
+    fd, tmp = temp_file_beside(target, ".tmp" + target.suffix)  # honours the umask (mkstemp: 0600)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
