@@ -265,3 +265,81 @@ def test_missing_image_unknown_ids_and_bad_segmentation_name_the_ref(tmp_path):
 def test_clean_sentence():
     assert clean_sentence("  The\tBIG\u00a0red\ncircle ") == "the big red circle"
     assert clean_sentence("caf\u0065\u0301") == "caf\u00e9"  # NFKC composes
+
+
+# --- issue 12 items 5, 6 and 13: degenerate polygons, wordings that name the culprit, empty sentences ---
+
+def test_degenerate_polygon_is_skipped_counted_and_reported(tmp_path, caplog):
+    a, _, _, third = _hand_masks()
+    anns = [
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8],
+         "segmentation": [_square(2, 2, 10, 10), [40, 40, 41, 41]]},  # a 2-point part, as in COCO
+        {"id": 13, "image_id": 1, "category_id": 2, "bbox": [12, 15, 6, 4],
+         "segmentation": [[5, 5], _square(12, 15, 18, 19), [1, 1, 2, 2]]},
+    ]
+    refs = [_ref(0, 11, b"train", [_sent(b"box", 0)]), _ref(1, 13, b"train", [_sent(b"other", 1)])]
+    root = write_fixture(tmp_path / "raw", refs=refs, annotations=anns)
+    with caplog.at_level("WARNING", logger="remamber.data.preprocess"):
+        meta = preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+    assert meta["skipped"] == {"degenerate_polygons": 3, "objects_with_degenerate_polygons": 2}
+    assert read_meta(tmp_path / "idx")["skipped"] == meta["skipped"]
+    assert "skipped 3 polygon(s) of fewer than 3 points in 2 object(s)" in caplog.text
+    train = pd.read_parquet(tmp_path / "idx" / "train.parquet")
+    np.testing.assert_array_equal(decode_mask(train.iloc[0].mask_counts, H, W), a)  # the good part alone
+    np.testing.assert_array_equal(decode_mask(train.iloc[1].mask_counts, H, W), third)
+    # a clean dataset reports zero
+    meta = preprocess(write_fixture(tmp_path / "clean"), "toy", tmp_path / "idx2", split_by="unc", progress=False)
+    assert meta["skipped"] == {"degenerate_polygons": 0, "objects_with_degenerate_polygons": 0}
+
+
+@pytest.mark.parametrize("segmentation", [[[40, 40, 41, 41]], [[1, 1, 2, 2], [3, 3, 3, 3, 3, 3]]])
+def test_object_left_with_no_area_is_an_error(tmp_path, segmentation):
+    anns = [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "segmentation": segmentation}]
+    root = write_fixture(tmp_path, refs=[_ref(4, 11, b"train", [_sent(b"x", 0)])], annotations=anns)
+    with pytest.raises(ReferError, match=r"instances\.json: ref_id 4 \(ann_id 11\): no area left after skipping 1 "
+                                         r"polygon\(s\) of fewer than 3 points"):
+        preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+
+
+def test_garbage_rle_is_reported_as_malformed(tmp_path):
+    anns = [{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1],
+             "segmentation": {"size": [H, W], "counts": "0O0O0"}}]  # decodes to 4294967293 "pixels"
+    root = write_fixture(tmp_path, refs=[_ref(3, 11, b"train", [_sent(b"x", 0)])], annotations=anns)
+    with pytest.raises(ReferError, match=r"ref_id 3 \(ann_id 11\): malformed RLE: its counts cover 4294967293 "
+                                         r"pixels, more than the 400 of the size of image 1"):
+        preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+
+
+def test_wrong_image_height_in_instances_is_blamed_on_the_image(tmp_path):
+    root = write_fixture(tmp_path)
+    inst = json.loads((root / "toy" / "instances.json").read_text())
+    inst["images"][0]["height"] = H + 7
+    (root / "toy" / "instances.json").write_text(json.dumps(inst))
+    with pytest.raises(ReferError) as info:
+        preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+    msg = str(info.value)
+    assert msg.startswith(f"{root / 'toy' / 'instances.json'}: image 1 (COCO_train2014_000000000001.jpg) has "
+                          f"width {W}, height {H + 7} there, but ")
+    assert f"is {W}x{H} pixels" in msg and "RLE" not in msg
+    # without the image file to compare with, the RLE's error still names the image entry
+    refer = load_refer(root, "toy", "unc")
+    with pytest.raises(ReferError, match=r"RLE size \[20, 20\] \(height, width\) differs from the size of image 1 "
+                                         r"\(COCO_train2014_000000000001\.jpg\) in instances\.json, \(27, 20\)"):
+        refer.ref_rle(next(r for r in refer.refs if r["ann_id"] == 12))
+
+
+def test_unreadable_image_is_named_at_preprocessing(tmp_path):
+    root = write_fixture(tmp_path)
+    (root / "train2014" / "COCO_train2014_000000000001.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(ReferError, match=r"COCO_train2014_000000000001\.jpg: image of ref_id 0 \(image_id 1\) is "
+                                         r"not a readable image"):
+        preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+
+
+@pytest.mark.parametrize("raw", [b"", b"   \t ", "\u200b\n".encode("utf-8")])
+def test_empty_sentence_is_an_error_naming_the_ref(tmp_path, raw):
+    refs = [_ref(0, 11, b"train", [_sent(b"fine", 0)]), _ref(9, 12, b"train", [_sent(b"ok", 1), _sent(raw, 2)])]
+    root = write_fixture(tmp_path, refs=refs)
+    with pytest.raises(ReferError, match=r"refs\(unc\)\.p: ref_id 9 has an empty sentence \(sent_id 2"):
+        preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
+    assert not (tmp_path / "idx" / "meta.json").exists()

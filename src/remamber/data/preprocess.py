@@ -13,13 +13,14 @@ import logging
 import os
 import re
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
@@ -103,6 +104,23 @@ def read_meta(index_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _check_image(path: Path, img: dict, ref_id: int, instances_file: Path) -> None:
+    """The image exists, is an image, and has the size instances.json gives it (its header only is read:
+    a wrong height/width entry is found here, named, rather than blamed on the mask later)."""
+    where = f"image of ref_id {ref_id} (image_id {img['id']})"
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except FileNotFoundError:
+        raise ReferError(f"{path}: {where} is missing") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ReferError(f"{path}: {where} is not a readable image ({exc}); fetch and extract it again") from exc
+    if size != (img["width"], img["height"]):
+        raise ReferError(f"{instances_file}: image {img['id']} ({img['file_name']}) has width {img['width']}, "
+                         f"height {img['height']} there, but {path} is {size[0]}x{size[1]} pixels; fix the "
+                         f"image's entry (or replace the file)")
+
+
 def _expected_counts(data_root: Path, dataset: str, split_by: str,
                      expected_counts: Mapping | str | os.PathLike | None) -> tuple[dict | None, str]:
     """The counts to validate against and a description of where they come from."""
@@ -166,16 +184,20 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
 
     rows: dict[str, list[dict]] = defaultdict(list)
     images_ok: dict[int, str] = {}
+    skipped: Counter = Counter({"degenerate_polygons": 0, "objects_with_degenerate_polygons": 0})
     for ref in tqdm(sorted(refer.refs, key=lambda r: r["ref_id"]), desc=f"preprocess {dataset}",
                     unit="obj", disable=not progress):
         rid = ref["ref_id"]
         img = refer.images[ref["image_id"]]
         if ref["image_id"] not in images_ok:
             rel = f"{IMAGE_DIR}/{img['file_name']}"
-            if not (data_root / rel).is_file():
-                raise ReferError(f"{data_root / rel}: image of ref_id {rid} (image_id {ref['image_id']}) is missing")
+            _check_image(data_root / rel, img, rid, refer.instances_file)
             images_ok[ref["image_id"]] = rel
-        rle = refer.ref_rle(ref, mask_mode)
+        for s in ref["sentences"]:
+            if not clean_sentence(s["raw"]):
+                raise ReferError(f"{refer.refs_file}: ref_id {rid} has an empty sentence (sent_id {s['sent_id']}, "
+                                 f"raw {s['raw']!r}); a model cannot be scored on it")
+        rle = refer.ref_rle(ref, mask_mode, stats=skipped)
         ann = refer.annotations[ref["ann_id"]]
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4):
@@ -194,6 +216,10 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
 
     counts = {split: {"objects": len(r), "images": len({x["image_id"] for x in r}),
                       "sentences": sum(len(x["sent_ids"]) for x in r)} for split, r in sorted(rows.items())}
+    if skipped["degenerate_polygons"]:
+        log.warning("%s (%s): skipped %d polygon(s) of fewer than 3 points in %d object(s); each object kept "
+                    "its other parts", dataset, split_by, skipped["degenerate_polygons"],
+                    skipped["objects_with_degenerate_polygons"])
     if expected is None:
         log.warning("%s (%s): no expected counts given; counts not validated: %s", dataset, split_by, counts)
     else:
@@ -211,6 +237,7 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
             pq.write_table(table, f, compression="zstd")
     meta = {"format_version": INDEX_FORMAT_VERSION, "dataset": dataset, "split_by": split_by,
             "mask_mode": mask_mode, "splits": sorted(rows), "counts": counts,
-            "counts_validated_against": source, "data_hash": data_hash(out_dir)}
+            "counts_validated_against": source, "skipped": dict(sorted(skipped.items())),
+            "data_hash": data_hash(out_dir)}
     atomic_write_json(meta_path, meta)
     return meta

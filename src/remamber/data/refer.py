@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,52 +144,85 @@ def load_instances(path: str | os.PathLike) -> dict[str, Any]:
         raise ReferError(f"{path}: an image/annotation/category lacks an 'id' ({exc})") from exc
 
 
-def _segmentation_rles(segmentation: Any, height: int, width: int, where: str) -> list[dict]:
-    """COCO segmentation (polygon list, compressed RLE or uncompressed RLE) -> list of compressed RLE parts."""
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _segmentation_rles(segmentation: Any, height: int, width: int, where: str, image: str,
+                       stats: Counter | None) -> list[dict]:
+    """COCO segmentation (polygon list, compressed RLE or uncompressed RLE) -> list of compressed RLE parts.
+
+    A polygon of fewer than 3 points (COCO has a few, e.g. `[40, 40, 41, 41]`) encloses nothing: it is
+    skipped and counted in `stats["degenerate_polygons"]`, as the refer tools and detectron2 tolerate
+    them. Only an object left with no area is an error.
+    """
     if isinstance(segmentation, list):
         if not segmentation:
             raise ReferError(f"{where}: empty polygon list")
-        polys = []
+        polys, degenerate = [], 0
         for poly in segmentation:
-            if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly)):
-                raise ReferError(f"{where}: malformed polygon (need an even list of >= 6 numbers): {poly!r:.80}")
+            if not isinstance(poly, list) or len(poly) % 2 or not all(_is_number(v) for v in poly):
+                raise ReferError(f"{where}: malformed polygon (need an even list of numbers x1, y1, x2, y2, ...): "
+                                 f"{poly!r:.80}")
+            if len(poly) < 6:
+                degenerate += 1
+                continue
             polys.append([float(v) for v in poly])
-        return [mask_utils.frPyObjects([p], height, width)[0] for p in polys]
+        parts = [mask_utils.frPyObjects([p], height, width)[0] for p in polys]
+        if degenerate:
+            if not parts or int(mask_utils.area(mask_utils.merge(parts, intersect=False))) == 0:
+                raise ReferError(f"{where}: no area left after skipping {degenerate} polygon(s) of fewer than "
+                                 f"3 points: {segmentation!r:.80}")
+            if stats is not None:
+                stats["degenerate_polygons"] += degenerate
+                stats["objects_with_degenerate_polygons"] += 1
+        return parts
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         size = list(segmentation["size"])
         if size != [height, width]:
-            raise ReferError(f"{where}: RLE size {size} does not match the image ({height}, {width})")
+            raise ReferError(f"{where}: RLE size {size} (height, width) differs from {image}, "
+                             f"({height}, {width}); one of the two is wrong")
         counts = segmentation["counts"]
         if isinstance(counts, list):  # uncompressed RLE (iscrowd annotations)
-            if sum(counts) != height * width or any(c < 0 for c in counts):
-                raise ReferError(f"{where}: uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                raise ReferError(f"{where}: malformed uncompressed RLE: counts must be non-negative integers")
+            if sum(counts) != height * width:
+                raise ReferError(f"{where}: malformed uncompressed RLE: counts sum to {sum(counts)}, expected "
+                                 f"{height * width} for {image} ({height}, {width})")
             return [mask_utils.frPyObjects(segmentation, height, width)]
         if isinstance(counts, str):
-            counts = counts.encode("ascii")
+            try:
+                counts = counts.encode("ascii")
+            except UnicodeEncodeError as exc:
+                raise ReferError(f"{where}: malformed RLE: counts string is not ASCII") from exc
         if not isinstance(counts, bytes):
-            raise ReferError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
+            raise ReferError(f"{where}: malformed RLE: counts must be a list or a string, got "
+                             f"{type(counts).__name__}")
         rle = {"size": [height, width], "counts": counts}
         try:
             total = int(mask_utils.area(rle))
         except Exception as exc:  # pycocotools raises bare exceptions on garbage
-            raise ReferError(f"{where}: undecodable RLE counts ({exc})") from exc
-        if total > height * width:
-            raise ReferError(f"{where}: RLE area {total} exceeds the image")
+            raise ReferError(f"{where}: malformed RLE: undecodable counts ({exc})") from exc
+        if total > height * width:  # garbage counts decode to wrapped-around run lengths
+            raise ReferError(f"{where}: malformed RLE: its counts cover {total} pixels, more than the "
+                             f"{height * width} of {image} ({height}, {width})")
         return [rle]
     raise ReferError(f"{where}: segmentation is neither polygons nor RLE: {segmentation!r:.80}")
 
 
 def annotation_rle(segmentation: Any, height: int, width: int, mask_mode: str = "union",
-                   where: str = "annotation") -> dict[str, Any]:
+                   where: str = "annotation", image: str = "the image", stats: Counter | None = None
+                   ) -> dict[str, Any]:
     """Compressed COCO RLE `{"size": [H, W], "counts": bytes}` of a segmentation's mask.
 
     `union`: a pixel belongs to the object if any part covers it. `refer_eq1`: the refer API's behaviour,
     which sums the part masks and keeps pixels equal to 1 (pixels covered by two parts drop out).
+    `stats` (a Counter) receives the count of skipped degenerate polygons; `image` names the image in
+    errors.
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
-    parts = _segmentation_rles(segmentation, height, width, where)
+    parts = _segmentation_rles(segmentation, height, width, where, image, stats)
     if len(parts) == 1:
         return parts[0]
     if mask_mode == "union":  # merge in RLE space: no decode needed
@@ -235,14 +269,16 @@ class ReferData:
         img = self.images[ref["image_id"]]
         return int(img["height"]), int(img["width"])
 
-    def ref_rle(self, ref: dict, mask_mode: str = "union") -> dict[str, Any]:
-        """Compressed RLE of the ref's annotation mask; errors name the ref_id."""
+    def ref_rle(self, ref: dict, mask_mode: str = "union", stats: Counter | None = None) -> dict[str, Any]:
+        """Compressed RLE of the ref's annotation mask; errors name the ref_id and the image."""
         ann = self.annotations[ref["ann_id"]]
         h, w = self.image_size(ref)
         where = f"{self.instances_file}: ref_id {ref['ref_id']} (ann_id {ref['ann_id']})"
+        img = self.images[ref["image_id"]]
+        image = f"the size of image {ref['image_id']} ({img.get('file_name')}) in {self.instances_file.name}"
         if "segmentation" not in ann:
             raise ReferError(f"{where}: annotation has no segmentation")
-        return annotation_rle(ann["segmentation"], h, w, mask_mode, where)
+        return annotation_rle(ann["segmentation"], h, w, mask_mode, where, image=image, stats=stats)
 
     def ref_mask(self, ref: dict, mask_mode: str = "union") -> np.ndarray:
         """bool (H, W) mask of the ref's annotation; errors name the ref_id."""
