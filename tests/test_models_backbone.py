@@ -207,16 +207,120 @@ def test_shape_mismatch_names_the_key(tmp_path):
     assert report.missing == []  # a mismatched key is reported once, as mismatched
 
 
-def test_unknown_and_missing_keys_are_reported_not_ignored(tmp_path):
+def test_missing_keys_are_an_error_and_unknown_keys_are_reported(tmp_path):
     cfg = backbone_config("vmamba_tiny_test")
     sd = _official_vmamba_state_dict(cfg.dims, cfg.depths, mlp_ratio=cfg.mlp_ratio)
     del sd["layers.0.blocks.0.norm.weight"]
     sd["outnorm0.weight"] = torch.randn(8)
     path = tmp_path / "partial.pth"
     torch.save(sd, path)  # a bare state dict (no 'model' wrapper) is accepted too
-    report = load_vmamba_checkpoint(VMambaBackbone(cfg), path)
+    with pytest.raises(ValueError, match=r"partial\.pth: 1 of the backbone's \d+ keys are missing.*"
+                                         r"layers\.0\.blocks\.0\.norm\.weight"):
+        load_vmamba_checkpoint(VMambaBackbone(cfg), path)
+    report = load_vmamba_checkpoint(VMambaBackbone(cfg), path, allow_missing=True)
     assert report.missing == ["layers.0.blocks.0.norm.weight"]
     assert report.unexpected == ["outnorm0.weight"]
+
+
+def test_a_file_that_matches_no_key_is_an_error(tmp_path):
+    model = VMambaBackbone(backbone_config("vmamba_tiny_test"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "resnet.pth"
+    torch.save({"model": {"conv1.weight": torch.randn(4, 3, 7, 7), "fc.bias": torch.randn(10)}}, path)
+    with pytest.raises(ValueError, match=r"resnet\.pth: none of its 2 tensors matches the backbone's \d+ keys"):
+        load_vmamba_checkpoint(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _CfgNode(dict):
+    """Pickled like yacs' CfgNode (a dict subclass with attributes); records any code run at load."""
+
+    ran: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.__dict__["__immutable__"] = False
+        self.__dict__["__deprecated_keys__"] = set()
+
+    def __setstate__(self, state):
+        _CfgNode.ran.append("__setstate__")
+        self.__dict__.update(state)
+
+
+def test_vmamba_training_checkpoint_with_an_unimportable_config_class_loads(tmp_path, monkeypatch):
+    """VMamba's ckpt_epoch_N.pth: {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'scaler', 'epoch',
+    'config': a yacs CfgNode}. weights_only=True alone refuses it; the config is stubbed, never run."""
+    import importlib.util
+    import sys
+    import types
+
+    cfg = backbone_config("vmamba_tiny_test")
+    sd = _official_vmamba_state_dict(cfg.dims, cfg.depths, mlp_ratio=cfg.mlp_ratio)
+    fake = types.ModuleType("yacs_stand_in.config")
+    _CfgNode.__module__, _CfgNode.__qualname__ = "yacs_stand_in.config", "CfgNode"
+    fake.CfgNode = _CfgNode
+    config = _CfgNode({"MODEL": _CfgNode({"TYPE": "vssm", "NAME": "vssm_base_0229"}), "SEED": 0})
+    path = tmp_path / "ckpt_epoch_237.pth"
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "yacs_stand_in", types.ModuleType("yacs_stand_in"))
+        m.setitem(sys.modules, "yacs_stand_in.config", fake)
+        torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+                    "lr_scheduler": {"last_epoch": 237}, "max_accuracy": 83.9, "scaler": {"scale": 65536.0},
+                    "epoch": 237, "config": config}, path)
+        with pytest.raises(Exception, match="yacs_stand_in.config.CfgNode"):  # what the old loader hit
+            torch.load(path, weights_only=True)
+        # even while the class is importable, it is stubbed: none of its code runs
+        model = VMambaBackbone(cfg)
+        report = load_vmamba_checkpoint(model, path)
+        assert _CfgNode.ran == []
+    assert importlib.util.find_spec("yacs_stand_in") is None
+    report = load_vmamba_checkpoint(VMambaBackbone(cfg), path)  # and once it is not importable at all
+    assert report.missing == [] and report.unexpected == []
+    assert report.loaded == len(model.state_dict())
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items() if not k.startswith("classifier."))
+    assert _CfgNode.ran == []
+
+
+def test_checkpoint_file_is_checked_against_its_pinned_size_and_sha256(tmp_path, caplog):
+    import hashlib
+    import logging
+
+    from remamber.models.backbone import verify_checkpoint_file
+
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"0123456789")
+    digest = hashlib.sha256(b"0123456789").hexdigest()
+    verify_checkpoint_file(path, digest, 10)
+    with pytest.raises(ValueError, match=r"w\.pth: size 10 bytes, expected 11"):
+        verify_checkpoint_file(path, digest, 11)
+    with pytest.raises(ValueError, match=rf"w\.pth: sha256 {digest}, expected {'0' * 64}"):
+        verify_checkpoint_file(path, "0" * 64, 10)
+    with caplog.at_level(logging.WARNING, logger="remamber.models.backbone"):
+        verify_checkpoint_file(path, None, None)
+    assert "no sha256/size pinned" in caplog.text and "w.pth" in caplog.text
+
+
+def test_pins_are_read_from_params_datasets_yaml(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from remamber.models.remamber import _pinned_backbone
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "params").mkdir()
+    text = (root / "params" / "datasets.yaml").read_text()
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(root / "params" / "datasets.yaml", tmp_path / "params" / "datasets.yaml")
+    assert _pinned_backbone("data/pretrained/vssm_base_0229_ckpt_epoch_237.pth") == (None, None)  # not published
+    assert _pinned_backbone("other.pth") == (None, None)
+    pinned = text.replace("    sha256: null\n    size: null", f"    sha256: {'ab' * 32}\n    size: 12")
+    assert pinned != text
+    (tmp_path / "params" / "datasets.yaml").write_text(pinned)
+    assert _pinned_backbone("x/vssm_base_0229_ckpt_epoch_237.pth") == ("ab" * 32, 12)
+    (tmp_path / "params" / "datasets.yaml").write_text(pinned.replace("size: 12", "size: twelve"))
+    with pytest.raises(ValueError, match=r"pretrained\.backbone\.size must be a positive byte count.*'twelve'"):
+        _pinned_backbone("vssm_base_0229_ckpt_epoch_237.pth")
 
 
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):

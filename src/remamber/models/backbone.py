@@ -13,7 +13,10 @@ The Identity entries in the Sequentials only keep the official indices.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +26,8 @@ from torch import nn
 from remamber.models.layers import LayerNorm2d, trunc_normal_init
 from remamber.models.ss2d import VSSBlock
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "BackboneConfig",
     "BACKBONES",
@@ -31,6 +36,7 @@ __all__ = [
     "VMambaBackbone",
     "LoadReport",
     "load_vmamba_checkpoint",
+    "verify_checkpoint_file",
 ]
 
 
@@ -185,23 +191,77 @@ def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def load_vmamba_checkpoint(
-    backbone: VMambaBackbone, path: str | os.PathLike, allow_shape_mismatch: bool = False
-) -> LoadReport:
-    """Load official VMamba weights (state dict under `model`) into `backbone`, non-strictly.
+def _inert_stub(full_name: str) -> type:
+    """A stand-in for a class that a checkpoint pickles but that we neither import nor run (VMamba's
+    training script pickles its yacs `CfgNode` under `config`). Creating or calling the stub returns an
+    empty OrderedDict, which absorbs the pickled items and state; torch's weights-only unpickler still
+    does all the reading, so nothing but tensors, containers and these stubs can come out."""
 
-    Reads with `torch.load(weights_only=True)`. A key whose shape differs raises ValueError naming the
-    key and both shapes (unless `allow_shape_mismatch`, then it is reported and skipped). Keys of the
-    classifier head are reported as `ignored`; anything else unknown as `unexpected`.
+    def __new__(cls, *args, **kwargs):  # noqa: ARG001 - the pickled arguments are deliberately dropped
+        return OrderedDict()
+
+    module, _, name = full_name.rpartition(".")
+    return type(name or full_name, (), {"__new__": __new__, "__module__": f"stub:{module}"})
+
+
+def _read_checkpoint(path: str) -> object:
+    """torch.load(weights_only=True), with inert stubs for the globals it would refuse."""
+    try:
+        unknown = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the plain load below says what is wrong
+        unknown = []
+    if unknown:
+        log.info("%s: reading without importing or running %s", path, ", ".join(unknown))
+    try:
+        with torch.serialization.safe_globals([(_inert_stub(name), name) for name in unknown]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint: {exc}") from exc
+
+
+def verify_checkpoint_file(path: str | os.PathLike, sha256: str | None, size: int | None) -> None:
+    """Check a file against its pinned size and sha256; ValueError naming the file and both values.
+
+    With nothing pinned, log a warning (the file is then only checked by its keys and shapes)."""
+    path = os.fspath(path)
+    if sha256 is None and size is None:
+        log.warning("%s: no sha256/size pinned for this file (params/datasets.yaml pretrained.backbone); it is "
+                    "loaded unverified. Pin `sha256sum` and the byte size of the official file there.", path)
+        return
+    actual_size = os.path.getsize(path)
+    if size is not None and actual_size != size:
+        raise ValueError(f"{path}: size {actual_size} bytes, expected {size} (params/datasets.yaml); "
+                         "a truncated or different file: download it again")
+    if sha256 is not None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256.lower():
+            raise ValueError(f"{path}: sha256 {digest.hexdigest()}, expected {sha256} (params/datasets.yaml); "
+                             "a corrupt or different file: download it again")
+
+
+def load_vmamba_checkpoint(
+    backbone: VMambaBackbone,
+    path: str | os.PathLike,
+    allow_shape_mismatch: bool = False,
+    allow_missing: bool = False,
+) -> LoadReport:
+    """Load official VMamba weights (state dict under `model`) into `backbone`.
+
+    Reads with `torch.load(weights_only=True)`; classes the file pickles besides tensors (VMamba's yacs
+    `CfgNode` under `config`) are replaced by inert stubs, never imported or run, and only the state
+    dict is used. Raises ValueError naming the file when nothing matches the backbone's keys, when
+    backbone keys are missing from the file (unless `allow_missing`), or when a key's shape differs
+    (unless `allow_shape_mismatch`, then it is reported and skipped): training from random weights at
+    the pretrained learning rate must not pass silently. Keys of the classifier head are reported as
+    `ignored`; anything else unknown as `unexpected`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint: {exc}") from exc
-    source = _extract_state_dict(raw, path)
+    source = _extract_state_dict(_read_checkpoint(path), path)
     own = backbone.state_dict()
     report = LoadReport()
     to_load: dict[str, torch.Tensor] = {}
@@ -220,6 +280,16 @@ def load_vmamba_checkpoint(
         else:
             to_load[key] = tensor
     report.missing = [k for k in own if k not in to_load and k not in {m[0] for m in report.mismatched}]
+    if not to_load:
+        raise ValueError(
+            f"{path}: none of its {len(source)} tensors matches the backbone's {len(own)} keys (its first keys: "
+            f"{list(source)[:3]}); is it a VMamba checkpoint of this backbone's size?"
+        )
+    if report.missing and not allow_missing:
+        raise ValueError(
+            f"{path}: {len(report.missing)} of the backbone's {len(own)} keys are missing from the file "
+            f"(first: {report.missing[:3]}); is it a VMamba checkpoint of this backbone's size?"
+        )
     backbone.load_state_dict(to_load, strict=False)
     report.loaded = len(to_load)
     return report

@@ -11,12 +11,20 @@ The fused map of each stage feeds both the next stage (through its downsampling)
 from __future__ import annotations
 
 import logging
+import os
+import re
 
 import torch
 from torch import nn
 
 from remamber.models.attention import AttentionStage
-from remamber.models.backbone import LoadReport, VMambaBackbone, backbone_config, load_vmamba_checkpoint
+from remamber.models.backbone import (
+    LoadReport,
+    VMambaBackbone,
+    backbone_config,
+    load_vmamba_checkpoint,
+    verify_checkpoint_file,
+)
 from remamber.models.config import ModelConfig
 from remamber.models.decoder import build_decoder
 from remamber.models.in_context import InContextStage
@@ -68,10 +76,16 @@ class ReMamber(nn.Module):
         return self.text_encoder.tokenize(texts)
 
     def load_backbone_checkpoint(self, path) -> LoadReport:
-        """Load official VMamba ImageNet weights into the backbone (see load_vmamba_checkpoint)."""
+        """Load official VMamba ImageNet weights into the backbone after checking the file against the
+        sha256/size pinned in params/datasets.yaml (see load_vmamba_checkpoint for the key checks)."""
+        sha256, size = _pinned_backbone(path)
+        verify_checkpoint_file(path, sha256, size)
         report = load_vmamba_checkpoint(self.backbone, path)
-        log.info("backbone checkpoint %s: %d tensors loaded, %d missing, %d unexpected, %d ignored",
-                 path, report.loaded, len(report.missing), len(report.unexpected), len(report.ignored))
+        log.info("backbone checkpoint %s: %d tensors loaded, %d ignored (classifier head)",
+                 path, report.loaded, len(report.ignored))
+        if report.unexpected:
+            log.warning("backbone checkpoint %s: %d tensors match no backbone key and were not loaded: %s",
+                        path, len(report.unexpected), report.unexpected[:5])
         return report
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -125,6 +139,25 @@ def _collect(trace: dict[str, list], record: dict) -> None:
     trace["attention_maps"].append(record.get("attention_map"))
     for key in ("cube", "cube_after_channel", "cube_after_spatial", "cube_slices"):
         trace[key].append(record.get(key))
+
+
+def _pinned_backbone(path) -> tuple[str | None, int | None]:
+    """(sha256, size) that params/datasets.yaml pins for this file name under pretrained.backbone, or
+    (None, None) when the catalog is not here or pins another file."""
+    from remamber.data.catalog import DEFAULT_DATASETS_YAML, load_catalog
+
+    if not DEFAULT_DATASETS_YAML.is_file():
+        return None, None
+    entry = load_catalog(DEFAULT_DATASETS_YAML).pretrained.get("backbone") or {}
+    if not isinstance(entry, dict) or entry.get("name") != os.path.basename(os.fspath(path)):
+        return None, None
+    sha256, size = entry.get("sha256"), entry.get("size")
+    where = f"{DEFAULT_DATASETS_YAML}: pretrained.backbone"
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise ValueError(f"{where}.sha256 must be 64 hex digits or null, got {sha256!r}")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ValueError(f"{where}.size must be a positive byte count or null, got {size!r}")
+    return sha256, size
 
 
 def build_model(cfg: ModelConfig) -> ReMamber:
