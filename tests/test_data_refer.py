@@ -343,3 +343,28 @@ def test_empty_sentence_is_an_error_naming_the_ref(tmp_path, raw):
     with pytest.raises(ReferError, match=r"refs\(unc\)\.p: ref_id 9 has an empty sentence \(sent_id 2"):
         preprocess(root, "toy", tmp_path / "idx", split_by="unc", progress=False)
     assert not (tmp_path / "idx" / "meta.json").exists()
+
+
+def test_text_field_sent_feeds_refers_normalised_sentence(tmp_path):
+    """The authors feed refer's `sent` (lower-cased, punctuation removed by refer), not `raw`."""
+    refs = [
+        _ref(0, 11, b"train", [{b"raw": b"The man, on the LEFT!", b"sent": b"the man on the left", b"sent_id": 0,
+                                b"tokens": [b"the"]}, _sent(b"crowd", 1)]),
+        _ref(1, 12, b"train", [_sent(b"crowd on the left", 2)]),
+        _ref(2, 13, b"val", [_sent(b"small box", 3), _sent(b"bottom right box", 4), _sent(b"it", 5)]),
+    ]
+    root = write_fixture(tmp_path / "raw", refs=refs)
+    counts = {"train": {"objects": 2, "images": 1, "sentences": 3}, "val": EXPECTED["val"]}
+    raw = preprocess(root, "toy", tmp_path / "raw_idx", split_by="unc", expected_counts=counts, progress=False)
+    sent = preprocess(root, "toy", tmp_path / "sent_idx", split_by="unc", expected_counts=counts, progress=False,
+                      text_field="sent")
+    assert (raw["text_field"], sent["text_field"]) == ("raw", "sent")
+    row_raw = pd.read_parquet(tmp_path / "raw_idx" / "train.parquet").iloc[0]
+    row_sent = pd.read_parquet(tmp_path / "sent_idx" / "train.parquet").iloc[0]
+    assert list(row_raw.sentences) == ["the man, on the left!", "crowd"]
+    assert list(row_sent.sentences) == ["the man on the left", "crowd"]
+    assert list(row_sent.sentences_raw) == ["The man, on the LEFT!", "crowd"]
+    assert sent["data_hash"] != raw["data_hash"]
+    with pytest.raises(ValueError, match="unknown text_field 'tokens'"):
+        preprocess(root, "toy", tmp_path / "x", split_by="unc", expected_counts=counts, progress=False,
+                   text_field="tokens")

@@ -118,6 +118,7 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
         args.out,
         split_by=args.split_by,
         mask_mode=args.mask_mode,
+        text_field=args.text_field,
         expected_counts=args.expected_counts,
     )
 
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split-by", default=None)
     p.add_argument("--mask-mode", default="union", choices=["union", "refer_eq1"])
+    p.add_argument("--text-field", default="raw", choices=["raw", "sent"],
+                   help="refer sentence field used as text: raw, or sent (lower-cased, no punctuation; the authors')")
     p.add_argument(
         "--expected-counts",
         type=Path,

@@ -175,6 +175,7 @@ class DataConfig:
     synth_seed: int
     mask_mode: str
     datasets: dict[str, DatasetSpec]
+    text_field: str = "raw"  # refer sentence field fed to the text encoder: raw, or sent (the authors')
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ _DATA_SPEC: dict[str, Checker] = {
     "synth_seed": _as_int(0),
     "mask_mode": _as_str(("union", "refer_eq1")),
     "datasets": _datasets,
+    "text_field": _as_str(("raw", "sent")),
 }
 
 _TRAIN_SPEC: dict[str, Checker] = {
@@ -348,7 +350,7 @@ def _model_section(value: Any, where: str) -> dict[str, Any]:
 _TOP_SPEC: dict[str, Checker] = {
     "name": _as_str(),
     "results": _as_str(),
-    "data": _section(_DATA_SPEC, DataConfig),
+    "data": _section(_DATA_SPEC, DataConfig, {"text_field": "raw"}),
     "model": _model_section,
     "train": _section(_TRAIN_SPEC, TrainConfig, _TRAIN_DEFAULTS),
     "evaluate": _section(_EVALUATE_SPEC, EvaluateConfig),

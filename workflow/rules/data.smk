@@ -56,6 +56,7 @@ rule preprocess:
         out=lambda wc: f"{PROCESSED}/{wc.dataset}",
         split_by=lambda wc: config["data"]["datasets"][wc.dataset]["split_by"],
         mask_mode=config["data"].get("mask_mode", "union"),
+        text_field=config["data"].get("text_field", "raw"),
         counts=EXPECTED_COUNTS,
     conda:
         "../envs/remamber.yaml"
@@ -63,7 +64,7 @@ rule preprocess:
         f"{LOGS}/preprocess/{{dataset}}.log",
     shell:
         "remamber preprocess --data-root {RAW} --dataset {wildcards.dataset} --split-by {params.split_by}"
-        " --mask-mode {params.mask_mode} {params.counts} --out {params.out} > {log} 2>&1"
+        " --mask-mode {params.mask_mode} --text-field {params.text_field} {params.counts} --out {params.out} > {log} 2>&1"
 
 
 rule data_all:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 INDEX_FORMAT_VERSION = 1
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 IMAGE_DIR = "train2014"  # every refer dataset draws its images from COCO train2014
+TEXT_FIELDS = ("raw", "sent")  # refer sentence fields that can become the model's text
 SYNTH_META = "synth_meta.json"
 
 SCHEMA = pa.schema([
@@ -163,16 +164,21 @@ def check_counts(found: dict[str, dict[str, int]], expected: dict[str, dict[str,
 
 def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.PathLike,
                split_by: str | None = None, mask_mode: str = "union",
-               expected_counts: Mapping | str | os.PathLike | None = None, progress: bool = True) -> dict:
+               expected_counts: Mapping | str | os.PathLike | None = None, progress: bool = True,
+               text_field: str = "raw") -> dict:
     """Write `out_dir/<split>.parquet` for every split and `out_dir/meta.json`; returns the meta dict.
 
     `expected_counts`: a `{split: {objects, images, sentences}}` mapping or the path of a datasets.yaml;
     None uses `<data_root>/<dataset>/synth_meta.json` when the generator wrote one, else skips the check
     with a warning. meta.json is written last, so an index without it is incomplete.
+    `text_field`: which refer sentence field becomes the model's text: `raw` (as annotated) or `sent`
+    (refer's lower-cased, punctuation-free version, the one the authors feed to CLIP).
     """
     data_root, out_dir = Path(data_root), Path(out_dir)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
+    if text_field not in TEXT_FIELDS:
+        raise ValueError(f"unknown text_field {text_field!r}; expected one of {TEXT_FIELDS}")
     if split_by is None:
         if dataset not in DEFAULT_SPLIT_BY:
             raise IndexDataError(f"no default split_by for dataset {dataset!r} (known: "
@@ -194,7 +200,10 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
             _check_image(data_root / rel, img, rid, refer.instances_file)
             images_ok[ref["image_id"]] = rel
         for s in ref["sentences"]:
-            if not clean_sentence(s["raw"]):
+            if not isinstance(s.get(text_field), str):
+                raise ReferError(f"{refer.refs_file}: ref_id {rid} sentence {s['sent_id']} has no text field "
+                                 f"{text_field!r}; use text_field 'raw'")
+            if not clean_sentence(s[text_field]):
                 raise ReferError(f"{refer.refs_file}: ref_id {rid} has an empty sentence (sent_id {s['sent_id']}, "
                                  f"raw {s['raw']!r}); a model cannot be scored on it")
         rle = refer.ref_rle(ref, mask_mode, stats=skipped)
@@ -208,7 +217,7 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
             "width": int(img["width"]), "height": int(img["height"]),
             "sent_ids": [int(s["sent_id"]) for s in ref["sentences"]],
             "sentences_raw": [s["raw"] for s in ref["sentences"]],
-            "sentences": [clean_sentence(s["raw"]) for s in ref["sentences"]],
+            "sentences": [clean_sentence(s[text_field]) for s in ref["sentences"]],
             "bbox": [float(v) for v in bbox],
             "mask_counts": rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"],
             "mask_area": int(mask_utils.area(rle)),
@@ -236,7 +245,7 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
         with atomic_open(index_path(out_dir, split)) as f:
             pq.write_table(table, f, compression="zstd")
     meta = {"format_version": INDEX_FORMAT_VERSION, "dataset": dataset, "split_by": split_by,
-            "mask_mode": mask_mode, "splits": sorted(rows), "counts": counts,
+            "mask_mode": mask_mode, "text_field": text_field, "splits": sorted(rows), "counts": counts,
             "counts_validated_against": source, "skipped": dict(sorted(skipped.items())),
             "data_hash": data_hash(out_dir)}
     atomic_write_json(meta_path, meta)
