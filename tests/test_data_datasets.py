@@ -131,3 +131,99 @@ def test_bad_inputs_are_named(tiny, tmp_path):
     ds = RefSegDataset(idx, "val", "eval", R, tmp_path)  # wrong data_root
     with pytest.raises(FileNotFoundError, match=r"image of ref_id \d+ is missing"):
         ds[0]
+
+
+# --- issue 12 item 13: bad data found early and named -----------------------------------------------
+
+import shutil  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from remamber.data.checks import (ImageFileError, MissingImageError, check_images,  # noqa: E402
+                                  count_long_sentences)
+from remamber.data.preprocess import IndexDataError, index_path  # noqa: E402
+
+
+def test_truncated_image_names_the_file(tiny, tmp_path):
+    idx, raw = tiny
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    ds = RefSegDataset(idx, "val", "eval", R, copy)
+    victim = copy / ds[0]["image_path"]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a cut download
+    with pytest.raises(ImageFileError, match=rf"{victim.name}: image of ref_id \d+ cannot be read \(image file is "
+                                             rf"truncated"):
+        ds[0]
+    victim.write_bytes(b"GIF89a not really")
+    with pytest.raises(ImageFileError, match=rf"{victim.name}: image of ref_id \d+ cannot be read"):
+        ds[0]
+
+
+def test_check_images_finds_every_missing_image_of_the_job_splits(tiny, tmp_path):
+    idx, raw = tiny
+    val_images = sorted(set(pd.read_parquet(idx / "val.parquet").image_path))
+    train_images = set(pd.read_parquet(idx / "train.parquet").image_path)
+    expected = len(train_images | set(val_images))
+    assert check_images(idx, ["train", "val"], raw) == expected
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    only_val = [p for p in val_images if p not in train_images]
+    assert only_val, "the fixture needs a val image that no train object uses"
+    (copy / only_val[0]).unlink()
+    assert check_images(idx, ["train"], copy) == len(train_images)  # a job that reads train only is fine
+    with pytest.raises(MissingImageError, match=rf"1 image\(s\) named by the index .* are missing \(val: 1\), "
+                                                rf"e\.g\. .*{only_val[0]}"):
+        check_images(idx, ["train", "val"], copy)
+
+
+def test_empty_sentence_in_an_index_names_index_and_row(tiny, tmp_path):
+    idx, raw = tiny
+    bad = tmp_path / "idx"
+    shutil.copytree(idx, bad)
+    table = pq.read_table(bad / "val.parquet").to_pylist()
+    table[2]["sentences"] = [*table[2]["sentences"][:-1], "  "]
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(bad / "val.parquet")), bad / "val.parquet")
+    j = len(table[2]["sentences"]) - 1
+    with pytest.raises(IndexDataError, match=rf"val\.parquet: row 2 \(ref_id {table[2]['ref_id']}\) has an empty "
+                                             rf"sentence \(sentence {j}, sent_id {table[2]['sent_ids'][j]}\)"):
+        RefSegDataset(bad, "val", "eval", R, raw)
+
+
+@pytest.mark.parametrize("split", ["../../x", "../idx/val", "val/..", "", "val.parquet", "a b"])
+def test_split_that_is_not_a_plain_name_is_refused(tiny, split):
+    idx, raw = tiny
+    with pytest.raises(IndexDataError, match="is not a plain split name"):
+        index_path(idx, split)
+    with pytest.raises(IndexDataError, match="is not a plain split name"):
+        RefSegDataset(idx, split, "eval", R, raw)
+    assert index_path(idx, "testA") == idx / "testA.parquet"
+
+
+def test_long_sentences_are_counted_and_reported(caplog):
+    words = ["one two", "one two three four five", "a b c d e f", ""]
+
+    def lengths(texts):
+        return [len(t.split()) + 2 for t in texts]  # + [CLS] and [SEP], as a BERT tokenizer counts
+    with caplog.at_level("WARNING", logger="remamber.data.checks"):
+        assert count_long_sentences(words, lengths, 6, "idx/val.parquet", batch=3) == 2  # 7 and 8 tokens
+    assert "idx/val.parquet: 2 of 4 sentences are longer than max_text_len = 6 tokens (longest 8)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remamber.data.checks"):
+        assert count_long_sentences(words, lengths, 8, "x", batch=2) == 0
+    assert caplog.text == ""
+
+
+def test_long_sentences_with_the_demo_tokenizer(tiny):
+    from remamber.data.checks import hf_token_lengths, split_sentences
+    from remamber.models.text import _bert_tokenizer, minilm_dir
+
+    idx, _ = tiny
+    tokenizer = _bert_tokenizer(minilm_dir())
+    lengths = hf_token_lengths(tokenizer)
+    assert lengths(["the red circle", "left"]) == [5, 3]  # [CLS] the red circle [SEP]
+    sentences = split_sentences(idx, "val")
+    assert len(sentences) == sum(len(s) for s in pd.read_parquet(idx / "val.parquet").sentences)
+    true_lengths = [len(tokenizer(s)["input_ids"]) for s in sentences]
+    for max_len in (4, 6, 20):
+        assert count_long_sentences(sentences, lengths, max_len, "val") == sum(n > max_len for n in true_lengths)

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from remamber.data.preprocess import index_path
+from remamber.data.checks import ImageFileError, MissingImageError
+from remamber.data.preprocess import IndexDataError, index_path
 from remamber.data.refer import decode_mask
 from remamber.data.transforms import image_to_tensor, mask_to_tensor
 
@@ -57,9 +58,13 @@ class RefSegDataset(Dataset):
         self.resolution, self.data_root, self.seed = resolution, Path(data_root), int(seed)
         self.epoch = 0
         self._objects: list[dict[str, Any]] = [dict(zip(columns, values)) for values in zip(*table.values())]
-        for obj in self._objects:
+        for row, obj in enumerate(self._objects):
             if not obj["sentences"]:
-                raise ValueError(f"{path}: ref_id {obj['ref_id']} has no sentences")
+                raise IndexDataError(f"{path}: row {row} (ref_id {obj['ref_id']}) has no sentences")
+            for j, sentence in enumerate(obj["sentences"]):
+                if not sentence or not sentence.strip():  # scored silently as an empty prompt otherwise
+                    raise IndexDataError(f"{path}: row {row} (ref_id {obj['ref_id']}) has an empty sentence "
+                                         f"(sentence {j}, sent_id {obj['sent_ids'][j]}); preprocess the data again")
         self.num_objects = len(self._objects)
         self.num_sentences = sum(len(o["sentences"]) for o in self._objects)
         if mode == "eval":
@@ -93,11 +98,17 @@ class RefSegDataset(Dataset):
             with Image.open(image_file) as im:
                 im.load()
                 if im.size != (obj["width"], obj["height"]):
-                    raise ValueError(f"{image_file}: size {im.size} differs from the index "
-                                     f"({obj['width']}, {obj['height']}) for ref_id {obj['ref_id']}")
+                    raise ImageFileError(f"{image_file}: size {im.size} differs from the index "
+                                         f"({obj['width']}, {obj['height']}) for ref_id {obj['ref_id']}")
                 image = image_to_tensor(im, self.resolution)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{image_file}: image of ref_id {obj['ref_id']} is missing") from exc
+            raise MissingImageError(f"{image_file}: image of ref_id {obj['ref_id']} is missing") from exc
+        except (UnidentifiedImageError, OSError) as exc:
+            if isinstance(exc, ImageFileError):
+                raise
+            # PIL's own message ("image file is truncated") does not say which file
+            raise ImageFileError(f"{image_file}: image of ref_id {obj['ref_id']} cannot be read ({exc}); the file "
+                                 f"is truncated or corrupt: fetch and extract (or synthesise) it again") from exc
         mask = decode_mask(obj["mask_counts"], obj["height"], obj["width"])  # bool (H, W)
         item: dict[str, Any] = {
             "image": image,

@@ -104,8 +104,11 @@ def evaluate(
     Defaults come from the checkpoint's config: index_dir = <data.processed>/<dataset>,
     data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`. Returns the metrics dict.
     """
+    from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
 
+    if batch_size is not None and batch_size < 1:  # 0 used to fall back to the config's silently
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     checkpoint = Path(checkpoint)
     out = Path(out)
     model, meta = load_model(checkpoint, map_location="cpu")
@@ -120,8 +123,10 @@ def evaluate(
     index_dir = Path(index_dir) if index_dir is not None else Path(config["data"]["processed"]) / dataset
     data_root = Path(data_root) if data_root is not None else Path(config["data"]["raw"])
     ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"])
+    check_images(index_dir, [split], data_root)  # every missing image named before scoring starts
+    report_long_sentences(model, index_dir, [split])
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size or eval_cfg["batch_size"], shuffle=False,
+        ds, batch_size=eval_cfg["batch_size"] if batch_size is None else batch_size, shuffle=False,
         num_workers=eval_cfg["num_workers"] if num_workers is None else num_workers,
         collate_fn=collate_batch)
     amp_dtype = None

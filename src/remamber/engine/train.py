@@ -107,6 +107,7 @@ def train(
 
 def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, out_dir: Path, resume: bool,
            experiment: str, tables: list[str], device: torch.device, info: DistInfo) -> dict[str, Any]:
+    from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
     from remamber.data.preprocess import data_hash
 
@@ -122,6 +123,7 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
     train_ds = RefSegDataset(index_dir, "train", "train", resolution, data_root, seed=tc.seed)
     val_ds = RefSegDataset(index_dir, "val", "eval", resolution, data_root, seed=tc.seed,
                            max_items=tc.val_subset)
+    check_images(index_dir, ["train", "val"], data_root)  # a missing val image fails now, not after an epoch
     d_hash = data_hash(index_dir)
     if len(train_ds) < tc.global_batch_size:
         raise ValueError(f"{index_dir}: {len(train_ds)} training items, fewer than one global batch "
@@ -129,6 +131,8 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
 
     model_cfg = cfg.model_config(variant)
     model = build_model(model_cfg).to(device)
+    if info.is_main:
+        report_long_sentences(model, index_dir, ["train", "val"])  # a warning with the count, not silence
     pretrained_backbone = model_cfg.pretrained_backbone is not None
     optimizer = build_optimizer(model, tc, pretrained_backbone)
     schedule = CosineEpochSchedule(optimizer, tc.min_lr, tc.epochs)
