@@ -120,3 +120,31 @@ def test_bad_option_values_are_refused(capsys, argv, fragment):
         main(argv)
     assert info.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_layer_warnings_reach_the_user_as_one_line_each(tmp_path):
+    """preprocess's warning (no expected counts) is printed by the command, prefixed, one line."""
+    import json
+
+    from PIL import Image
+
+    ddir = tmp_path / "raw" / "toy"
+    ddir.mkdir(parents=True)
+    (tmp_path / "raw" / "train2014").mkdir()
+    Image.new("RGB", (8, 6)).save(tmp_path / "raw" / "train2014" / "a.jpg")
+    refs = [{"ref_id": 1, "ann_id": 2, "image_id": 3, "category_id": 1, "split": "train",
+             "sentences": [{"raw": "the box", "sent_id": 0}]}]
+    (ddir / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    (ddir / "instances.json").write_text(json.dumps({
+        "images": [{"id": 3, "file_name": "a.jpg", "height": 6, "width": 8}],
+        "annotations": [{"id": 2, "image_id": 3, "bbox": [0, 0, 2, 2],
+                         "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4], [1, 1, 2, 2]]}],
+        "categories": [{"id": 1}]}))
+    env = {k: v for k, v in os.environ.items() if k != "REMAMBER_DEBUG"}
+    out = subprocess.run([sys.executable, "-m", "remamber.cli", "preprocess", "--data-root", str(tmp_path / "raw"),
+                          "--dataset", "toy", "--split-by", "unc", "--out", str(tmp_path / "idx")],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("remamber: WARNING: ")]
+    assert any("skipped 1 polygon(s) of fewer than 3 points in 1 object(s)" in line for line in lines), out.stderr
+    assert any("no expected counts given" in line for line in lines), out.stderr

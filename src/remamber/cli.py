@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -378,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    # the layers report through logging (skipped polygons, truncated sentences, resumed downloads):
+    # show them, one line each, in the rule's log
+    logging.basicConfig(level=logging.WARNING, format="remamber: %(levelname)s: %(message)s")
+    logging.getLogger("remamber").setLevel(logging.DEBUG if debug else logging.INFO)
     try:
         if args.threads is not None:
             _limit_cpu_threads(args.threads)
