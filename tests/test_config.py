@@ -32,7 +32,7 @@ def test_paper_and_demo_load_with_model_check():
     assert paper.model["backbone"] == "vmamba_base"
     high = yaml.safe_load(DEMO.read_text())["experiments"]["resolutions"]["high"]
     assert demo.tables["table2"] == {"resolution": high, "datasets": ["refcoco", "refcoco+", "refcocog"],
-                                     "variants": ["twister"]}
+                                     "variants": ["twister"], "controls": []}
     assert demo.model_config("local_only").to_dict()["backbone"] == "vmamba_demo"
 
 

@@ -291,3 +291,54 @@ def test_tables_compile_with_pdflatex(records: list[dict], tmp_path: Path) -> No
         assert (tmp_path / f"{doc}.pdf").stat().st_size > 0
     log = (tmp_path / "graphicx.log").read_text(errors="replace")
     assert "Overfull \\hbox" not in log, "a table is wider than the text"
+
+
+# ---- controls: the shuffled-text twister and the text-blind baselines ----
+
+
+def _control_records() -> list[dict]:
+    out = []
+    for dataset, splits in SPLITS.items():
+        for split in splits:
+            shuffled = {"dataset": dataset, "variant": "twister", "resolution": 64, "split": split, "text": "shuffled",
+                        "config_name": "demo", "protocol": "original", "n": 7}
+            shuffled.update({m: 5.0 for m in METRICS})
+            out.append(shuffled)
+            for k, kind in enumerate(("largest_object", "centre_object", "random_object")):
+                blind = {"dataset": dataset, "variant": kind, "resolution": None, "split": split, "text": "none",
+                         "protocol": "original", "n": 7}
+                blind.update({m: 20.0 + k for m in METRICS})
+                out.append(blind)
+    return out
+
+
+def test_table1_control_rows(records: list[dict], tmp_path: Path) -> None:
+    spec = dict(SPECS["table1"], controls=["shuffled_text", "largest_object", "centre_object", "random_object"])
+    matched = [dict(r, text="matched") if i % 2 else r for i, r in enumerate(records)]  # "text" may be absent
+    frame = build_table("table1", spec, matched + _control_records())
+    assert len(frame) == 3 * (4 * 2 + 4)
+    controls = frame[frame["source"] == "control"]
+    assert list(controls[controls["dataset"] == "refcoco"]["name"]) == [
+        "Mamba Twister, shuffled text", "Largest object (no text)", "Object nearest the centre (no text)",
+        "Random object (no text)"]
+    shuffled = controls[controls["variant"] == "twister"]
+    assert (shuffled["val/mIoU"] == 5.0).all()
+    assert (controls[controls["variant"] == "centre_object"]["val/prec@50"] == 21.0).all()
+    # the matched twister row keeps its own numbers (no clash with the shuffled record)
+    ours = frame[(frame["source"] == "ours") & (frame["variant"] == "twister") & (frame["dataset"] == "refcoco")]
+    assert ours.iloc[0]["val/mIoU"] == value_for("refcoco", "twister", "val", "mIoU", 64)
+    tex = render_latex("table1", spec, matched + _control_records())
+    assert tex.count("Random object (no text)") == 3 and tex.count("& control &") == 12
+    # controls never take the bold of "best of our rows"
+    assert r"\textbf{60" not in tex.split("Mamba Twister, shuffled text")[1].split(r"\\")[0]
+    # a missing control record is named, with its text
+    with pytest.raises(MissingRecordError, match="variant='twister' split='val' text='shuffled'"):
+        build_table("table1", spec, matched + [r for r in _control_records() if r.get("text") != "shuffled"])
+    path = write_metrics_summary(matched + _control_records(), tmp_path / "metrics.json")
+    again = write_metrics_summary(list(reversed(matched + _control_records())), tmp_path / "again.json")
+    assert path.read_bytes() == again.read_bytes()
+
+
+def test_unknown_control_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown control 'no_text'"):
+        build_table("table1", dict(SPECS["table1"], controls=["no_text"]), [])

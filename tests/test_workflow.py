@@ -51,12 +51,16 @@ def test_paper_matrix_plans_21_trainings_and_one_evaluation_per_model_and_split(
     assert counts["preprocess"] == 3
     assert counts["fetch"] == 4 and counts["extract"] == 4
     assert counts["table"] == 4
+    # Table 1's controls: the twister with shuffled text on every split, the text-blind baselines (one
+    # job per dataset and split writes all three); no training.
+    assert counts["evaluate_shuffled_text"] == 8 and counts["baselines"] == 8
 
 
 def test_demo_matrix_plans_the_same_jobs_on_synthetic_data(tmp_path):
     wf = _isolated_checkout(tmp_path)
     counts = _job_counts(_dry_run("all", cwd=wf))
     assert counts["train"] == 21 and counts["evaluate"] == 58
+    assert counts["evaluate_shuffled_text"] == 8 and counts["baselines"] == 8
     assert counts["synth"] == 1 and "fetch" not in counts
 
 

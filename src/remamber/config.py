@@ -118,6 +118,11 @@ def _as_str_list(value: Any, where: str) -> tuple[str, ...]:
     return names
 
 
+def _as_name_list(value: Any, where: str) -> tuple[str, ...]:
+    """Like _as_str_list, but an empty list is fine."""
+    return () if value == [] else _as_str_list(value, where)
+
+
 def _as_betas(value: Any, where: str) -> tuple[float, float]:
     if not isinstance(value, list) or len(value) != 2:
         _fail(where, f"expected a list of two numbers, got {value!r}")
@@ -221,6 +226,15 @@ class TableSpec:
     resolution: str  # a key of experiments.resolutions
     datasets: tuple[str, ...]
     variants: tuple[str, ...]
+    controls: tuple[str, ...] = ()  # CONTROLS: extra rows that show how much the models use the text
+
+
+# Evaluation-only rows of a table: the twister with every sentence moved to another image, and three
+# text-blind guesses (remamber.engine.baselines). They cost evaluations, no training.
+SHUFFLED_TEXT = "shuffled_text"
+SHUFFLED_TEXT_VARIANT = "twister"
+BASELINE_CONTROLS = ("largest_object", "centre_object", "random_object")
+CONTROLS = (SHUFFLED_TEXT, *BASELINE_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -318,7 +332,14 @@ def _resolutions(value: Any, where: str) -> dict[str, int]:
 
 def _table(value: Any, where: str) -> TableSpec:
     raw = _mapping(value, where)
-    got = _check_keys(raw, {"resolution": _as_str(), "datasets": _as_str_list, "variants": _as_str_list}, where)
+    got = _check_keys(raw, {"resolution": _as_str(), "datasets": _as_str_list, "variants": _as_str_list,
+                            "controls": _as_name_list}, where, defaults={"controls": ()})
+    for control in got["controls"]:
+        if control not in CONTROLS:
+            _fail(_join(where, "controls"), f"unknown control {control!r}; choose from {list(CONTROLS)}")
+    if SHUFFLED_TEXT in got["controls"] and SHUFFLED_TEXT_VARIANT not in got["variants"]:
+        _fail(_join(where, "controls"), f"{SHUFFLED_TEXT!r} evaluates the table's {SHUFFLED_TEXT_VARIANT!r}, "
+                                        f"which is not among its variants {list(got['variants'])}")
     return TableSpec(**got)
 
 
@@ -458,10 +479,11 @@ class ExperimentConfig:
     # ---- the experiment matrix
     @property
     def tables(self) -> dict[str, dict[str, Any]]:
-        """Per table: {"resolution": int (pixels), "datasets": [...], "variants": [...]}."""
+        """Per table: {"resolution": int (pixels), "datasets": [...], "variants": [...], "controls": [...]}."""
         res = self.experiments.resolutions
         return {
-            name: {"resolution": res[t.resolution], "datasets": list(t.datasets), "variants": list(t.variants)}
+            name: {"resolution": res[t.resolution], "datasets": list(t.datasets), "variants": list(t.variants),
+                   "controls": list(t.controls)}
             for name, t in self.experiments.tables.items()
         }
 
@@ -486,6 +508,27 @@ class ExperimentConfig:
     def evaluations(self) -> list[tuple[TrainingJob, str]]:
         """(job, split) for every evaluated split of every job's dataset."""
         return [(job, split) for job in self.jobs() for split in self.data.datasets[job.dataset].splits]
+
+    def shuffled_text_evaluations(self) -> list[tuple[TrainingJob, str]]:
+        """(job, split) of the shuffled-text control: the twister of every table that asks for it."""
+        out: list[tuple[TrainingJob, str]] = []
+        for table in self.tables.values():
+            if SHUFFLED_TEXT not in table["controls"]:
+                continue
+            for ds in table["datasets"]:
+                job = self.find_job(ds, SHUFFLED_TEXT_VARIANT, table["resolution"])
+                out += [(job, s) for s in self.data.datasets[ds].splits if (job, s) not in out]
+        return out
+
+    def baseline_splits(self) -> list[tuple[str, str]]:
+        """(dataset, split) on which the text-blind baselines are scored (any table asking for one)."""
+        out: list[tuple[str, str]] = []
+        for table in self.tables.values():
+            if not set(table["controls"]) & set(BASELINE_CONTROLS):
+                continue
+            for ds in table["datasets"]:
+                out += [(ds, s) for s in self.data.datasets[ds].splits if (ds, s) not in out]
+        return out
 
     def find_job(self, dataset: str, variant: str, resolution: int) -> TrainingJob:
         for job in self.jobs():

@@ -40,6 +40,25 @@ def metrics_file(dataset, variant, res, split):
     return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/{split}.json"
 
 
+def shuffled_metrics_file(dataset, variant, res, split):
+    """The shuffled-text control of one evaluation (every sentence moved to another image)."""
+    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/{split}.shuffled.json"
+
+
+BASELINES = ["largest_object", "centre_object", "random_object"]
+
+
+def baseline_files(dataset, split):
+    """The text-blind baselines of one split, one file each (written by one job)."""
+    return [f"{RESULTS}/metrics/{dataset}/baselines/{split}/{kind}.json" for kind in BASELINES]
+
+
+def control_metrics():
+    shuffled = [shuffled_metrics_file(j.dataset, j.variant, j.resolution, s) for j, s in EXP.shuffled_text_evaluations()]
+    blind = [f for d, s in EXP.baseline_splits() for f in baseline_files(d, s)]
+    return shuffled + blind
+
+
 def index_meta(dataset):
     return f"{PROCESSED}/{dataset}/meta.json"
 
@@ -51,13 +70,17 @@ def table_spec(table):
 
 def table_metrics(wildcards):
     spec, res = table_spec(wildcards.table)
-    return [
-        metrics_file(ds, v, res, s) for ds in spec["datasets"] for v in spec["variants"] for s in splits(ds)
-    ]
+    files = [metrics_file(ds, v, res, s) for ds in spec["datasets"] for v in spec["variants"] for s in splits(ds)]
+    controls = spec.get("controls", [])
+    if "shuffled_text" in controls:
+        files += [shuffled_metrics_file(ds, "twister", res, s) for ds in spec["datasets"] for s in splits(ds)]
+    if set(controls) & set(BASELINES):
+        files += [f for ds in spec["datasets"] for s in splits(ds) for f in baseline_files(ds, s)]
+    return files
 
 
 def all_metrics():
-    return [metrics_file(d, v, r, s) for (d, v, r) in JOBS for s in splits(d)]
+    return [metrics_file(d, v, r, s) for (d, v, r) in JOBS for s in splits(d)] + control_metrics()
 
 
 def job_of(wildcards):

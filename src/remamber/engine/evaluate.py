@@ -98,11 +98,14 @@ def evaluate(
     batch_size: int | None = None,
     num_workers: int | None = None,
     tracking: bool = True,
+    text: str = "matched",
 ) -> dict[str, Any]:
     """Score `checkpoint` on every sentence of `split`; write `out` (metrics.json) atomically.
 
     Defaults come from the checkpoint's config: index_dir = <data.processed>/<dataset>,
     data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`. Returns the metrics dict.
+    text="shuffled" is the shuffled-text control: every sample gets the sentence of a sample of another
+    image (remamber.data.controls); the record says which in its "text" field.
     """
     from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
@@ -122,7 +125,7 @@ def evaluate(
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     index_dir = Path(index_dir) if index_dir is not None else Path(config["data"]["processed"]) / dataset
     data_root = Path(data_root) if data_root is not None else Path(config["data"]["raw"])
-    ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"])
+    ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"], text=text)
     check_images(index_dir, [split], data_root)  # every missing image named before scoring starts
     report_long_sentences(model, index_dir, [split])
     loader = torch.utils.data.DataLoader(
@@ -132,18 +135,19 @@ def evaluate(
     amp_dtype = None
     if device.type == "cuda" and config["train"]["amp"]:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    acc = score_loader(model, loader, protocol, device, desc=f"evaluate {dataset}/{variant}/{split}",
+    acc = score_loader(model, loader, protocol, device, desc=f"evaluate {dataset}/{variant}/{split} ({text} text)",
                        amp_dtype=amp_dtype)
     scores = acc.result()
     record: dict[str, Any] = {
         "dataset": dataset, "variant": variant, "resolution": resolution, "split": split,
-        "protocol": protocol, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
+        "protocol": protocol, "text": text, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
         "config_name": meta.get("config_name", config.get("name")),
     }
     _atomic_write_json(record, out)
     if tracking:
-        _track_eval(meta, split, record, out)
+        # The control gets its own nested run beside the split's ordinary one.
+        _track_eval(meta, split if text == "matched" else f"{split}-{text}-text", record, out)
     return record
 
 

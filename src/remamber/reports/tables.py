@@ -74,6 +74,15 @@ CAPTIONS = {
     "table3": "Ablation on the combination of the two scans, RefCOCO (paper Table 3)",
     "table4": "Ablation on global and local interaction, RefCOCO (paper Table 4)",
 }
+# Evaluation-only rows (params: a table's `controls`): how much the models use the text. A record's
+# "text" is "matched" (ordinary; the default when absent), "shuffled" (every sentence moved to another
+# image) or "none" (a text-blind baseline, scored at the original size whatever the table's resolution).
+CONTROL_ROWS = {
+    "shuffled_text": ("twister", "shuffled", "Mamba Twister, shuffled text"),
+    "largest_object": ("largest_object", "none", "Largest object (no text)"),
+    "centre_object": ("centre_object", "none", "Object nearest the centre (no text)"),
+    "random_object": ("random_object", "none", "Random object (no text)"),
+}
 REQUIRED_RECORD_KEYS = ("dataset", "variant", "resolution", "split")
 META_COLUMNS = ["dataset", "variant", "name", "source", "resolution"]
 TABLE2_META_COLUMNS = ["method", "backbone", "variant", "source", "resolution"]
@@ -90,7 +99,7 @@ def _check_spec(name: str, spec: Mapping[str, Any]) -> tuple[int, list[str], lis
     """Validate a matrix entry; returns (resolution, datasets, variants, splits per dataset)."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"{name}: table spec must be a mapping, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - {"resolution", "datasets", "variants", "splits"})
+    unknown = sorted(set(spec) - {"resolution", "datasets", "variants", "splits", "controls"})
     if unknown:
         raise ValueError(f"{name}: unknown table spec key(s) {unknown}")
     resolution = spec.get("resolution")
@@ -103,6 +112,9 @@ def _check_spec(name: str, spec: Mapping[str, Any]) -> tuple[int, list[str], lis
     for dataset in datasets:
         if dataset not in TABLE1_LAYOUT:
             raise ValueError(f"{name}: unknown dataset {dataset!r}; known: {sorted(TABLE1_LAYOUT)}")
+    for control in spec.get("controls") or ():
+        if control not in CONTROL_ROWS:
+            raise ValueError(f"{name}: unknown control {control!r}; known: {sorted(CONTROL_ROWS)}")
     overrides = spec.get("splits") or {}
     splits = {d: tuple(overrides.get(d, TABLE1_LAYOUT[d][0])) for d in datasets}
     return resolution, list(datasets), list(variants), splits
@@ -112,32 +124,39 @@ def _describe(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={record.get(k)!r}" for k in ("config_name", *REQUIRED_RECORD_KEYS) if k in record)
 
 
-def _index_records(name: str, records: Sequence[Mapping[str, Any]], resolution: int) -> dict[tuple[str, str, str], Mapping[str, Any]]:
-    """(dataset, variant, split) -> record, for the records at ``resolution``."""
-    index: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+def _text(record: Mapping[str, Any]) -> str:
+    return str(record.get("text", "matched"))
+
+
+def _index_records(name: str, records: Sequence[Mapping[str, Any]], resolution: int) -> dict[tuple[str, str, str, str], Mapping[str, Any]]:
+    """(dataset, variant, split, text) -> record, for the records at ``resolution`` and the text-blind
+    ones (which have no resolution)."""
+    index: dict[tuple[str, str, str, str], Mapping[str, Any]] = {}
     for i, record in enumerate(records):
         if not isinstance(record, Mapping):
             raise ValueError(f"{name}: record #{i} is a {type(record).__name__}, not a metrics mapping")
         missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
         if missing:
             raise ValueError(f"{name}: record #{i} ({_describe(record)}) lacks key(s) {missing}")
-        if int(record["resolution"]) != resolution:
+        if _text(record) != "none" and int(record["resolution"]) != resolution:
             continue
-        key = (str(record["dataset"]), str(record["variant"]), str(record["split"]))
+        key = (str(record["dataset"]), str(record["variant"]), str(record["split"]), _text(record))
         if key in index:
             raise ValueError(
                 f"{name}: two evaluation records for dataset={key[0]!r} variant={key[1]!r} split={key[2]!r} "
-                f"at resolution {resolution} ({_describe(index[key])} and {_describe(record)})"
+                f"text={key[3]!r} at resolution {resolution} ({_describe(index[key])} and {_describe(record)})"
             )
         index[key] = record
     return index
 
 
-def _our_value(name: str, index: Mapping, dataset: str, variant: str, split: str, metric: str, resolution: int) -> float:
-    record = index.get((dataset, variant, split))
+def _our_value(name: str, index: Mapping, dataset: str, variant: str, split: str, metric: str, resolution: int,
+               text: str = "matched") -> float:
+    record = index.get((dataset, variant, split, text))
     if record is None:
+        what = "" if text == "matched" else f" text={text!r}"
         raise MissingRecordError(
-            f"{name}: no evaluation record for dataset={dataset!r} variant={variant!r} split={split!r} "
+            f"{name}: no evaluation record for dataset={dataset!r} variant={variant!r} split={split!r}{what} "
             f"at resolution {resolution}"
         )
     if metric not in record:
@@ -179,6 +198,12 @@ def _fusion_frame(name: str, spec: Mapping[str, Any], records: Sequence[Mapping[
                 cells = {c: paper.get(c.split("/")[0], {}).get(c.split("/")[1], math.nan) for c in cols}
                 rows.append({"dataset": dataset, "variant": variant, "name": display, "source": "paper",
                              "resolution": PAPER_LOW_RESOLUTION, **cells})
+        for control in spec.get("controls") or ():
+            variant, text, display = CONTROL_ROWS[control]
+            cells = {c: _our_value(name, index, dataset, variant, c.split("/")[0], c.split("/")[1], resolution, text)
+                     for c in cols}
+            rows.append({"dataset": dataset, "variant": variant, "name": display, "source": "control",
+                         "resolution": resolution if text != "none" else None, **cells})
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -266,7 +291,7 @@ def _fusion_latex(name: str, spec: Mapping[str, Any], frame: pd.DataFrame, confi
         body.append(latex.row([latex.stacked(h) for h in left] + ["Source"] + [METRIC_LABELS[m] for m in metrics] * len(splits[dataset])))
         body.append(r"\midrule")
         for variant in variants:
-            rows = part[part["variant"] == variant]
+            rows = part[(part["variant"] == variant) & (part["source"] != "control")]
             height = len(rows)
             for k, (i, record) in enumerate(rows.iterrows()):
                 is_ours = record["source"] == "ours"
@@ -279,12 +304,22 @@ def _fusion_latex(name: str, spec: Mapping[str, Any], frame: pd.DataFrame, confi
                     values.append(cell if is_ours else latex.italic(cell))
                 source = "ours" if is_ours else latex.italic("paper")
                 body.append(latex.row(label + [source] + values))
+        controls = part[part["source"] == "control"]
+        if len(controls):
+            body.append(r"\midrule")
+        for _, record in controls.iterrows():
+            text = latex.escape(record["name"])
+            label = [text] if len(left) == 1 else [latex.multicolumn(len(left), "l", text)]
+            body.append(latex.row(label + ["control"] + [_fmt(record[c], 1) for c in cols]))
     body.append(r"\bottomrule")
     caption = (
         f"{CAPTIONS.get(name, latex.escape(name))}, resolution {resolution}"
         f"{', config ' + latex.escape(config_names) if config_names else ''}. "
         r"Rows \textit{paper}: numbers printed in the paper (resolution "
         f"{PAPER_LOW_RESOLUTION}). Bold: best of our rows."
+        + (" Rows marked control: the Mamba Twister evaluated with every sentence moved to another image, and "
+           "text-blind guesses that pick one object of the image without reading the expression."
+           if spec.get("controls") else "")
     )
     return latex.wrap_table(body, "l" * n_left + "c" * n_metric, caption, f"tab:{latex.escape(name)}")
 
@@ -383,8 +418,9 @@ def write_metrics_summary(records: Sequence[Mapping[str, Any]], out_path: str | 
             raise ValueError(f"metrics summary: record #{i} ({_describe(record)}) lacks key(s) {missing}")
 
     def key(record: Mapping[str, Any]) -> tuple:
+        resolution = -1 if record["resolution"] is None else int(record["resolution"])
         return (str(record.get("config_name", "")), str(record["dataset"]), str(record["variant"]),
-                int(record["resolution"]), str(record["split"]), str(record.get("protocol", "")))
+                resolution, str(record["split"]), str(record.get("protocol", "")), _text(record))
 
     ordered = sorted((dict(r) for r in records), key=key)
     out_path = Path(out_path)
