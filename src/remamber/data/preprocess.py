@@ -205,7 +205,7 @@ def preprocess(data_root: str | os.PathLike, dataset: str, out_dir: str | os.Pat
                                  f"{text_field!r}; use text_field 'raw'")
             if not clean_sentence(s[text_field]):
                 raise ReferError(f"{refer.refs_file}: ref_id {rid} has an empty sentence (sent_id {s['sent_id']}, "
-                                 f"raw {s['raw']!r}); a model cannot be scored on it")
+                                 f"{text_field} {s[text_field]!r}); a model cannot be scored on it")
         rle = refer.ref_rle(ref, mask_mode, stats=skipped)
         ann = refer.annotations[ref["ann_id"]]
         bbox = ann.get("bbox")
