@@ -16,6 +16,7 @@ from remamber.models.twisting import INTERACTIONS, SCAN_ORDERS
 __all__ = ["FUSIONS", "VARIANTS", "ModelConfig", "variant_config"]
 
 FUSIONS = ("twister", "in_context", "attention", "norm_adaptation")
+INITS = ("trunc_normal", "authors")
 
 
 @dataclass
@@ -26,6 +27,9 @@ class ModelConfig:
     local_dim, channel_scan_grid, channel_scan_width: the authors' Twister sizes (512, 16, 512).
     drop_path_rate: the backbone's stochastic depth (fusion blocks use none, as the authors).
     mask_text_padding: False lets padded words into the fusion, as the authors' code does.
+    init: how new layers start. "authors": PyTorch's defaults for the fusion layers and He-normal
+        (fan-out) for the decoder's conv blocks, as yyh-rain-song/ReMamber; "trunc_normal": ours,
+        VMamba's truncated N(0, 0.02) for every new Linear (fusion and decoder).
     """
 
     backbone: str = "vmamba_tiny_test"
@@ -44,6 +48,7 @@ class ModelConfig:
     channel_scan_grid: int = 16
     channel_scan_width: int = 512
     attention_head_dim: int = 64
+    init: str = "trunc_normal"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +61,7 @@ class ModelConfig:
             "scan_order": SCAN_ORDERS,
             "interaction": INTERACTIONS,
             "decoder": DECODERS,
+            "init": INITS,
         }
         for key, valid in choices.items():
             if getattr(self, key) not in valid:

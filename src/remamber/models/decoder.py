@@ -10,6 +10,8 @@ Resampling goes to explicit sizes, never by a fixed factor, so any input size wo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,7 @@ from torch import nn
 from remamber.models.layers import LayerNorm2d, Linear2d
 from remamber.models.ss2d import VSSBlock
 
-__all__ = ["DECODERS", "ConvBlock", "ConvDecoder", "MambaDecoder", "build_decoder"]
+__all__ = ["DECODERS", "ConvBlock", "ConvDecoder", "MambaDecoder", "build_decoder", "he_normal_fan_out_init"]
 
 DECODERS = ("conv", "mamba")
 
@@ -97,6 +99,23 @@ class MambaDecoder(_Decoder):
 
     def __init__(self, dims: list[int], depth: int = 1, **ssm_kwargs) -> None:
         super().__init__(dims, 4 * dims[0], lambda i, o: VSSMixer(i, o, depth=depth, **ssm_kwargs))
+
+
+def he_normal_fan_out_init(module: nn.Module) -> None:
+    """The authors' decoder init, for `decoder.apply(...)`: inside each conv block, conv weights
+    ~ N(0, 2 / fan_out) with fan_out = k * k * out / groups, BatchNorm (1, 0). The neck and head keep
+    PyTorch's defaults, as in yyh-rain-song/ReMamber's ConvDecoder."""
+    if not isinstance(module, ConvBlock):
+        return
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def build_decoder(kind: str, dims: list[int], **ssm_kwargs) -> nn.Module:

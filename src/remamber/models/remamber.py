@@ -26,7 +26,7 @@ from remamber.models.backbone import (
     verify_checkpoint_file,
 )
 from remamber.models.config import ModelConfig
-from remamber.models.decoder import build_decoder
+from remamber.models.decoder import build_decoder, he_normal_fan_out_init
 from remamber.models.in_context import InContextStage
 from remamber.models.layers import trunc_normal_init
 from remamber.models.norm_adaptation import NormAdaptationStage
@@ -67,9 +67,14 @@ class ReMamber(nn.Module):
         ssm = dict(d_state=bb.d_state, ssm_ratio=bb.ssm_ratio, dt_rank=bb.dt_rank)
         self.fusion = nn.ModuleList([_fusion_stage(config, d, text_encoder.width, ssm) for d in bb.dims])
         self.decoder = build_decoder(config.decoder, list(bb.dims), **ssm)
-        # New Linears start like VMamba's (truncated normal 0.02); SSM parameters keep Mamba's init.
-        self.fusion.apply(trunc_normal_init)
-        self.decoder.apply(trunc_normal_init)
+        if config.init == "trunc_normal":
+            # ours: new Linears start like VMamba's (truncated normal 0.02); SSM parameters keep Mamba's init
+            self.fusion.apply(trunc_normal_init)
+            self.decoder.apply(trunc_normal_init)
+        else:
+            # the authors': fusion layers keep PyTorch's defaults (built after VMamba's init ran), the
+            # decoder's conv blocks are He-normal by fan-out, its neck keeps PyTorch's defaults
+            self.decoder.apply(he_normal_fan_out_init)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (input_ids, attention_mask), LongTensors (B, max_text_len)."""
