@@ -203,6 +203,10 @@ class TrainConfig:
     # True: the text encoder keeps its pretrained weights (no gradients, eval mode, out of the optimizer),
     # and checkpoints reference those weights by name and hash instead of copying them.
     freeze_text_encoder: bool = False
+    amp_dtype: str = "auto"  # auto: bf16 where the GPU has it, else fp16 (ours); float16: the authors'
+    eval_amp: bool = True  # False: validation and evaluation in fp32, as the authors
+    ema_select: str = "ema"  # which weights validation scores, selects best.pt by and evaluate uses by
+    #                          default when ema_decay is set; raw: the authors' (EMA kept, not used)
 
 
 @dataclass(frozen=True)
@@ -305,10 +309,15 @@ _TRAIN_SPEC: dict[str, Checker] = {
     "val_subset": _optional(_as_int(1)),
     "deterministic": _as_bool,
     "freeze_text_encoder": _as_bool,
+    "amp_dtype": _as_str(("auto", "float16", "bfloat16")),
+    "eval_amp": _as_bool,
+    "ema_select": _as_str(("ema", "raw")),
 }
 # Keys added after the first params files: optional, and left out of config_hash at their default, so
 # the hash (and resumability) of a file that does not use them is unchanged.
-_TRAIN_DEFAULTS: dict[str, Any] = {"freeze_text_encoder": False}
+_TRAIN_DEFAULTS: dict[str, Any] = {"freeze_text_encoder": False, "amp_dtype": "auto", "eval_amp": True,
+                                   "ema_select": "ema"}
+_DATA_DEFAULTS: dict[str, Any] = {"text_field": "raw"}
 
 _EVALUATE_SPEC: dict[str, Checker] = {
     "protocol": _as_str(PROTOCOLS),
@@ -371,7 +380,7 @@ def _model_section(value: Any, where: str) -> dict[str, Any]:
 _TOP_SPEC: dict[str, Checker] = {
     "name": _as_str(),
     "results": _as_str(),
-    "data": _section(_DATA_SPEC, DataConfig, {"text_field": "raw"}),
+    "data": _section(_DATA_SPEC, DataConfig, _DATA_DEFAULTS),
     "model": _model_section,
     "train": _section(_TRAIN_SPEC, TrainConfig, _TRAIN_DEFAULTS),
     "evaluate": _section(_EVALUATE_SPEC, EvaluateConfig),
@@ -551,8 +560,9 @@ class ExperimentConfig:
     def config_hash(self) -> str:
         """sha256 (hex, first 16 chars) of the normalised config: stable across key order and formatting."""
         d = self.to_dict()
-        for key, default in _TRAIN_DEFAULTS.items():
-            if d["train"].get(key) == default:
-                del d["train"][key]
+        for section, defaults in (("train", _TRAIN_DEFAULTS), ("data", _DATA_DEFAULTS)):
+            for key, default in defaults.items():
+                if d[section].get(key) == default:
+                    del d[section][key]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -125,7 +125,8 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode, meta) from a checkpoint.
 
-    weights: "auto" (the EMA weights when the run kept an EMA, as validation did, else the raw weights),
+    weights: "auto" (the weights validation scored: the EMA's when the run kept an EMA and selected by it,
+    train.ema_select "ema", else the raw weights),
     "ema" or "raw". `meta["weights"]` tells which were loaded; `meta["model_config"]` is the config as
     trained (with its original pretrained_backbone path).
     """
@@ -134,7 +135,8 @@ def load_model(
         raise ValueError(f"weights must be auto, ema or raw, got {weights!r}")
     if weights == "ema" and state["ema"] is None:
         raise CheckpointError(f"{path}: no EMA weights in this checkpoint")
-    use_ema = state["ema"] is not None and weights != "raw"
+    selected = state["meta"].get("config", {}).get("train", {}).get("ema_select", "ema")
+    use_ema = state["ema"] is not None and (weights == "ema" or (weights == "auto" and selected == "ema"))
     model = build_model_from_meta(state["meta"])
     try:
         model.load_state_dict(state["ema"] if use_ema else state["model"], strict=True)

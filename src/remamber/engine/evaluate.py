@@ -55,6 +55,16 @@ def batch_targets(batch: dict[str, Any], protocol: str) -> list[np.ndarray]:
 
 
 @torch.no_grad()
+def amp_dtype_for(enabled: bool, device: torch.device, choice: str = "auto") -> torch.dtype | None:
+    """The autocast dtype: None without AMP or off CUDA; `choice` "float16" / "bfloat16", or "auto" (bf16
+    where the GPU supports it, else fp16)."""
+    if not enabled or device.type != "cuda":
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[choice]
+
+
 def score_loader(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -84,8 +94,20 @@ def score_loader(
 def _atomic_write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_destination(out: Path) -> None:
+    """Fail before scoring (minutes to hours), not after, when `out` cannot become the metrics file."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give the path of the metrics JSON file to write")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create it under {parent} (not a writable folder)")
 
 
 def evaluate(
@@ -99,6 +121,7 @@ def evaluate(
     num_workers: int | None = None,
     tracking: bool = True,
     text: str = "matched",
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Score `checkpoint` on every sentence of `split`; write `out` (metrics.json) atomically.
 
@@ -106,14 +129,18 @@ def evaluate(
     data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`. Returns the metrics dict.
     text="shuffled" is the shuffled-text control: every sample gets the sentence of a sample of another
     image (remamber.data.controls); the record says which in its "text" field.
+    The MLflow store is `tracking_uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db: never the one named in
+    the checkpoint, which is a file being read, not the user's choice.
     """
     from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
+    from remamber.data.preprocess import data_hash
 
     if batch_size is not None and batch_size < 1:  # 0 used to fall back to the config's silently
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     checkpoint = Path(checkpoint)
     out = Path(out)
+    _check_destination(out)
     model, meta = load_model(checkpoint, map_location="cpu")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -132,9 +159,10 @@ def evaluate(
         ds, batch_size=eval_cfg["batch_size"] if batch_size is None else batch_size, shuffle=False,
         num_workers=eval_cfg["num_workers"] if num_workers is None else num_workers,
         collate_fn=collate_batch)
+    train_cfg = config["train"]
     amp_dtype = None
-    if device.type == "cuda" and config["train"]["amp"]:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if train_cfg.get("eval_amp", True):  # false: evaluate in fp32, as the authors do
+        amp_dtype = amp_dtype_for(train_cfg["amp"], device, train_cfg.get("amp_dtype", "auto"))
     acc = score_loader(model, loader, protocol, device, desc=f"evaluate {dataset}/{variant}/{split} ({text} text)",
                        amp_dtype=amp_dtype)
     scores = acc.result()
@@ -143,24 +171,33 @@ def evaluate(
         "protocol": protocol, "text": text, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
         "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
         "config_name": meta.get("config_name", config.get("name")),
+        # Provenance of what was scored (the training data's hash is the checkpoint's meta["data_hash"]).
+        "index": str(index_dir), "index_data_hash": data_hash(index_dir),
     }
     _atomic_write_json(record, out)
     if tracking:
         # The control gets its own nested run beside the split's ordinary one.
-        _track_eval(meta, split if text == "matched" else f"{split}-{text}-text", record, out)
+        _track_eval(meta, split if text == "matched" else f"{split}-{text}-text", record, out, tracking_uri)
     return record
 
 
-def _track_eval(meta: dict[str, Any], split: str, record: dict[str, Any], out: Path) -> None:
+def _track_eval(meta: dict[str, Any], split: str, record: dict[str, Any], out: Path,
+                uri: str | None) -> None:
     from remamber.tracking import Tracker, TrackingConfig
 
-    tracker = Tracker(TrackingConfig.from_dict(meta["config"]["tracking"]))
-    run_key = meta.get("run_key") or f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/" \
-                                      f"{meta['resolution']}"
+    # Whether and how strictly to track may come from the checkpoint's config; where to, never (uri).
+    stored = meta["config"].get("tracking") or {}
+    tracker = Tracker(TrackingConfig(enabled=bool(stored.get("enabled", True)), uri=uri,
+                                     on_error="warn" if stored.get("on_error") == "warn" else "fail"))
+    # tracking_key: the training's run (run key @ output folder); older checkpoints have the run key only.
+    run_key = meta.get("tracking_key") or meta.get("run_key") or \
+        f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/{meta['resolution']}"
     experiment = meta.get("experiment") or "default"
     params = {"split": split, "protocol": record["protocol"], "checkpoint": record["checkpoint"]}
     tags = {"remamber.checkpoint_sha256": record["checkpoint_sha256"], "remamber.split": split,
-            "remamber.data_hash": meta.get("data_hash", "")}
+            "remamber.data_hash": record["index_data_hash"], "remamber.index": record["index"],
+            "remamber.train_data_hash": meta.get("data_hash", "")}
     with tracker.eval_run(experiment, run_key, split, params=params, tags=tags) as run:
+        run.log_dataset(record["dataset"], record["index_data_hash"], record["index"], f"eval/{record['split']}")
         run.log_metrics({k.replace("@", "_at_"): float(record[k]) for k in METRIC_KEYS}, step=0)
         run.log_artifact(out)

@@ -29,7 +29,7 @@ from remamber.engine.distributed import (
     gather_rng_states, init_distributed, micro_batch_seed, seed_everything, set_rng_state,
     shutdown_distributed,
 )
-from remamber.engine.evaluate import score_loader
+from remamber.engine.evaluate import amp_dtype_for, score_loader
 from remamber.engine.optim import CosineEpochSchedule, ModelEMA, all_params, build_optimizer
 from remamber.models import build_model, dice_bce_loss
 
@@ -60,11 +60,9 @@ def _resolve_device(device: str | torch.device | None, info: DistInfo) -> torch.
     return device
 
 
-def _amp_dtype(enabled: bool, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); no AMP on CPU."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def _amp_dtype(enabled: bool, device: torch.device, choice: str = "auto") -> torch.dtype | None:
+    """See remamber.engine.evaluate.amp_dtype (fp16 trains with a GradScaler)."""
+    return amp_dtype_for(enabled, device, choice)
 
 
 def train(
@@ -136,7 +134,7 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
     pretrained_backbone = model_cfg.pretrained_backbone is not None
     optimizer = build_optimizer(model, tc, pretrained_backbone)
     schedule = CosineEpochSchedule(optimizer, tc.min_lr, tc.epochs)
-    amp_dtype = _amp_dtype(tc.amp, device)
+    amp_dtype = _amp_dtype(tc.amp, device, tc.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model, tc.ema_decay) if tc.ema_decay is not None else None
 
@@ -243,9 +241,10 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                 val_loader = torch.utils.data.DataLoader(
                     val_ds, batch_size=cfg.evaluate.batch_size, shuffle=False,
                     num_workers=cfg.evaluate.num_workers, collate_fn=collate_batch)
-                scored = ema.module if ema is not None else model
-                val = score_loader(scored, val_loader, cfg.evaluate.protocol, device,
-                                   desc=f"val {epoch + 1}", amp_dtype=amp_dtype).result()
+                # the authors select (and report) the raw model even when they keep an EMA: ema_select raw
+                scored = ema.module if ema is not None and tc.ema_select == "ema" else model
+                val = score_loader(scored, val_loader, cfg.evaluate.protocol, device, desc=f"val {epoch + 1}",
+                                   amp_dtype=amp_dtype if tc.eval_amp else None).result()
             rng_states = gather_rng_states(info)
             if info.is_main:
                 entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": _new_lr(optimizer),
