@@ -18,7 +18,8 @@ LOGS = f"logs/{NAME}"
 JOBS = {(j.dataset, j.variant, int(j.resolution)): j for j in EXP.jobs()}
 TABLES = list(config["experiments"]["tables"])
 # Real data is checked against the published counts; synthetic data against what its generator wrote.
-EXPECTED_COUNTS = "--expected-counts params/datasets.yaml" if config["data"]["source"] == "download" else ""
+# A list: the rule quotes each element (`{params.counts:q}`), and an empty list adds nothing.
+EXPECTED_COUNTS = ["--expected-counts", "params/datasets.yaml"] if config["data"]["source"] == "download" else []
 
 wildcard_constraints:
     dataset="refcoco|refcoco\\+|refcocog",

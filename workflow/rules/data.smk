@@ -13,7 +13,7 @@ if config["data"]["source"] == "synthetic":
         log:
             f"{LOGS}/synth.log",
         shell:
-            "remamber synth --out {RAW} --seed {params.seed} --size {params.size} > {log} 2>&1"
+            "remamber synth --out {RAW:q} --seed {params.seed:q} --size {params.size:q} > {log:q} 2>&1"
 
     def raw_inputs(wildcards):
         return [f"{RAW}/MANIFEST.json"]
@@ -25,11 +25,13 @@ else:
             f"{RAW}/archives/{{archive}}.zip",
         conda:
             "../envs/remamber.yaml"
+        params:
+            dest=f"{RAW}/archives",
         log:
             f"{LOGS}/fetch/{{archive}}.log",
         retries: 2
         shell:
-            "remamber fetch {wildcards.archive}.zip --dest {RAW}/archives > {log} 2>&1"
+            "remamber fetch {wildcards.archive:q}.zip --dest {params.dest:q} > {log:q} 2>&1"
 
     rule extract:
         input:
@@ -41,7 +43,7 @@ else:
         log:
             f"{LOGS}/extract/{{archive}}.log",
         shell:
-            "remamber extract {input} --dest {RAW} > {log} 2>&1"
+            "remamber extract {input:q} --dest {RAW:q} > {log:q} 2>&1"
 
     def raw_inputs(wildcards):
         return [f"{RAW}/.{wildcards.dataset}.zip.extracted", f"{RAW}/.train2014.zip.extracted"]
@@ -63,8 +65,9 @@ rule preprocess:
     log:
         f"{LOGS}/preprocess/{{dataset}}.log",
     shell:
-        "remamber preprocess --data-root {RAW} --dataset {wildcards.dataset} --split-by {params.split_by}"
-        " --mask-mode {params.mask_mode} --text-field {params.text_field} {params.counts} --out {params.out} > {log} 2>&1"
+        "remamber preprocess --data-root {RAW:q} --dataset {wildcards.dataset:q} --split-by {params.split_by:q}"
+        " --mask-mode {params.mask_mode:q} --text-field {params.text_field:q} {params.counts:q} --out {params.out:q}"
+        " > {log:q} 2>&1"
 
 
 rule data_all:

@@ -12,8 +12,8 @@ rule table:
     log:
         f"{LOGS}/report/{{table}}.log",
     shell:
-        "remamber report --config {CONFIGFILE} --table {wildcards.table} --metrics-root {RESULTS}/metrics"
-        " --out {REPORTS} > {log} 2>&1"
+        "remamber report --config {CONFIGFILE:q} --table {wildcards.table:q} --metrics-root {RESULTS:q}/metrics"
+        " --out {REPORTS:q} > {log:q} 2>&1"
 
 
 rule metrics_summary:
@@ -26,7 +26,7 @@ rule metrics_summary:
     log:
         f"{LOGS}/report/metrics.log",
     shell:
-        "remamber summarize {input} --out {output} > {log} 2>&1"
+        "remamber summarize {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fig_interaction_vs_attention:
@@ -41,8 +41,8 @@ rule fig_interaction_vs_attention:
     log:
         f"{LOGS}/report/fig4.log",
     shell:
-        "remamber figure interaction --twister {input.twister} --attention {input.attention}"
-        " --out {REPORTS}/figures/fig4_interaction_vs_attention > {log} 2>&1"
+        "remamber figure interaction --twister {input.twister:q} --attention {input.attention:q}"
+        " --out {REPORTS:q}/figures/fig4_interaction_vs_attention > {log:q} 2>&1"
 
 
 rule fig_cube_pca:
@@ -56,7 +56,7 @@ rule fig_cube_pca:
     log:
         f"{LOGS}/report/fig5.log",
     shell:
-        "remamber figure pca --twister {input} --out {REPORTS}/figures/fig5_cube_pca > {log} 2>&1"
+        "remamber figure pca --twister {input:q} --out {REPORTS:q}/figures/fig5_cube_pca > {log:q} 2>&1"
 
 
 rule fig_overlays:
@@ -66,13 +66,13 @@ rule fig_overlays:
         png=report(f"{REPORTS}/figures/fig7_overlays.png", caption="../report/fig7.rst", category="Figures"),
         pdf=f"{REPORTS}/figures/fig7_overlays.pdf",
     params:
-        pairs=" ".join(f"{v}={inspect_file(v)}" for v in FIG_SPEC["variants"]),
+        pairs=[f"{v}={inspect_file(v)}" for v in FIG_SPEC["variants"]],  # one quoted argument each
     conda:
         "../envs/remamber.yaml"
     log:
         f"{LOGS}/report/fig7.log",
     shell:
-        "remamber figure overlays {params.pairs} --out {REPORTS}/figures/fig7_overlays > {log} 2>&1"
+        "remamber figure overlays {params.pairs:q} --out {REPORTS:q}/figures/fig7_overlays > {log:q} 2>&1"
 
 
 rule fig_training_curves:
@@ -82,13 +82,13 @@ rule fig_training_curves:
         png=report(f"{REPORTS}/figures/training_curves.png", caption="../report/curves.rst", category="Figures"),
         pdf=f"{REPORTS}/figures/training_curves.pdf",
     params:
-        pairs=" ".join(f"{v}={model_dir(FIG_DATASET, v, FIG_RES)}/history.json" for v in FIG_SPEC["variants"]),
+        pairs=[f"{v}={model_dir(FIG_DATASET, v, FIG_RES)}/history.json" for v in FIG_SPEC["variants"]],
     conda:
         "../envs/remamber.yaml"
     log:
         f"{LOGS}/report/curves.log",
     shell:
-        "remamber figure curves {params.pairs} --out {REPORTS}/figures/training_curves > {log} 2>&1"
+        "remamber figure curves {params.pairs:q} --out {REPORTS:q}/figures/training_curves > {log:q} 2>&1"
 
 
 rule reports_all:

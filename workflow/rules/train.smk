@@ -24,9 +24,9 @@ rule train:
     log:
         f"{LOGS}/train/{{dataset}}/{{variant}}/{{res}}.log",
     shell:
-        "{params.launch} --threads {threads} train --config {input.config} --dataset {wildcards.dataset}"
-        " --variant {wildcards.variant} --resolution {wildcards.res} --out {params.out}"
-        " --experiment {params.experiment} --tables {params.tables} --resume > {log} 2>&1"
+        "{params.launch} --threads {threads} train --config {input.config:q} --dataset {wildcards.dataset:q}"
+        " --variant {wildcards.variant:q} --resolution {wildcards.res:q} --out {params.out:q}"
+        " --experiment {params.experiment:q} --tables {params.tables:q} --resume > {log:q} 2>&1"
 
 
 rule models_all:
