@@ -46,21 +46,20 @@ def test_paper_matrix_plans_21_trainings_and_one_evaluation_per_model_and_split(
     counts = _job_counts(_dry_run("all", "--configfile", "params/paper.yaml", cwd=wf))
     # Table 1: 4 variants x 3 datasets = 12; Table 3: +4 (twister shared); Table 4: +2; Table 2: 3 at 480.
     assert counts["train"] == 21
-    # splits: RefCOCO and RefCOCO+ 3 each, G-Ref 2 -> T1 4*8, T3 4*3, T4 2*3, T2 8
-    assert counts["evaluate"] == 4 * 8 + 4 * 3 + 2 * 3 + 8
+    # one evaluation job per model scores all the splits of its dataset
+    assert counts["evaluate"] == 21
     assert counts["preprocess"] == 3
     assert counts["fetch"] == 4 and counts["extract"] == 4
     assert counts["table"] == 4
-    # Table 1's controls: the twister with shuffled text on every split, the text-blind baselines (one
-    # job per dataset and split writes all three); no training.
-    assert counts["evaluate_shuffled_text"] == 8 and counts["baselines"] == 8
+    # Table 1's controls, per dataset: the twister with shuffled text, the text-blind baselines; no training.
+    assert counts["evaluate_shuffled_text"] == 3 and counts["baselines"] == 3
 
 
 def test_demo_matrix_plans_the_same_jobs_on_synthetic_data(tmp_path):
     wf = _isolated_checkout(tmp_path)
     counts = _job_counts(_dry_run("all", cwd=wf))
-    assert counts["train"] == 21 and counts["evaluate"] == 58
-    assert counts["evaluate_shuffled_text"] == 8 and counts["baselines"] == 8
+    assert counts["train"] == 21 and counts["evaluate"] == 21
+    assert counts["evaluate_shuffled_text"] == 3 and counts["baselines"] == 3
     assert counts["synth"] == 1 and "fetch" not in counts
 
 

@@ -142,24 +142,59 @@ def cmd_train(args: argparse.Namespace) -> None:
         experiment=args.experiment,
         tables=args.tables.split(",") if args.tables else None,
         device=args.device,
+        overwrite=args.overwrite,
+        tracking_uri=args.tracking_uri,
     )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """One split: OUT is that split's record. Several: OUT is the list of their records, written once all
+    are scored (one process per model saves the start-up of one per split)."""
+    import tempfile
+
+    from remamber.data._io import atomic_write_json
     from remamber.engine.evaluate import evaluate
 
-    metrics = evaluate(
-        args.checkpoint,
-        args.split,
-        args.out,
-        index_dir=args.index_dir,
-        data_root=args.data_root,
-        protocol=args.protocol,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        tracking=not args.no_tracking,
-    )
-    print(json.dumps(metrics, indent=1, sort_keys=True))
+    def run(split: str, out: Path) -> dict:
+        return evaluate(
+            args.checkpoint,
+            split,
+            out,
+            index_dir=args.index_dir,
+            data_root=args.data_root,
+            protocol=args.protocol,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            tracking=not args.no_tracking,
+            tracking_uri=args.tracking_uri,
+            text=args.text,
+        )
+
+    if len(args.split) == 1:
+        print(json.dumps(run(args.split[0], args.out), indent=1, sort_keys=True))
+        return
+    if len(set(args.split)) != len(args.split):
+        raise CLIError(f"--split lists a split twice: {args.split}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as tmp:
+        records = [run(split, Path(tmp) / f"{split}.json") for split in args.split]
+    atomic_write_json(args.out, records)
+    for r in records:
+        print(f"{r['split']:6s} mIoU {r['mIoU']:5.1f}  oIoU {r['oIoU']:5.1f}  prec@50 {r['prec@50']:5.1f}  ({r['text']} text)")
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from remamber.data._io import atomic_write_json
+    from remamber.engine.baselines import evaluate_baselines
+
+    records = []
+    for split in args.split:
+        for kind, record in evaluate_baselines(args.index_dir, split, args.data_root, tuple(args.kinds),
+                                               seed=args.seed).items():
+            records.append(record)
+            print(f"{split:6s} {kind:15s} mIoU {record['mIoU']:5.1f}  oIoU {record['oIoU']:5.1f}  "
+                  f"prec@50 {record['prec@50']:5.1f}")
+    atomic_write_json(args.out, records)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -198,7 +233,9 @@ def _load_records(paths: list[Path]) -> list[dict]:
     records = []
     for path in paths:
         try:
-            records.append(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
+            # a file holds one record, or the list of one model's (or one baseline job's) splits
+            records.extend(data if isinstance(data, list) else [data])
         except (OSError, json.JSONDecodeError) as exc:
             raise CLIError(f"{path}: not a readable metrics JSON ({exc})") from exc
     return records
@@ -314,20 +351,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: first table using it)")
     p.add_argument("--tables", default=None, help="comma-separated tables this model serves")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt when it exists")
-    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from scratch even if OUT already holds a training (it is replaced)")
+    p.add_argument("--device", default=None, help="cpu, cuda (this process's GPU) or cuda:N (default: auto)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: the params file's tracking.uri, else MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on every sentence of a split")
+    p = sub.add_parser("evaluate", help="score a checkpoint on every sentence of one or more splits")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--split", type=_split_name, required=True)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", type=_split_name, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="metrics JSON: the split's record, or the list of records of several splits")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--data-root", type=Path, default=None)
     p.add_argument("--protocol", choices=["original", "input"], default=None)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--num-workers", type=_non_negative_int, default=None)
     p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db; never the checkpoint's)")
+    p.add_argument("--text", choices=["matched", "shuffled"], default="matched",
+                   help="shuffled: the control where every sample gets the sentence of another image")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("baseline", help="score the text-blind baselines (largest / centre / random object)")
+    p.add_argument("--index-dir", type=Path, required=True)
+    p.add_argument("--split", type=_split_name, nargs="+", required=True)
+    p.add_argument("--data-root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="metrics JSON: the list of records, split x baseline")
+    p.add_argument("--kinds", nargs="+", default=["largest_object", "centre_object", "random_object"],
+                   choices=["largest_object", "centre_object", "random_object"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-object draw")
+    p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("predict", help="segment the object an expression refers to in one image")
     p.add_argument("--checkpoint", type=Path, required=True)

@@ -37,26 +37,26 @@ def model_dir(dataset, variant, res):
     return f"{RESULTS}/models/{dataset}/{variant}/{res}"
 
 
-def metrics_file(dataset, variant, res, split):
-    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/{split}.json"
+# One evaluation job per model scores every split of its dataset (one process start, one model load);
+# its file is the list of the splits' records.
+def metrics_file(dataset, variant, res):
+    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/metrics.json"
 
 
-def shuffled_metrics_file(dataset, variant, res, split):
-    """The shuffled-text control of one evaluation (every sentence moved to another image)."""
-    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/{split}.shuffled.json"
+def shuffled_metrics_file(dataset, variant, res):
+    """The shuffled-text control of a model (every sentence moved to another image), every split."""
+    return f"{RESULTS}/metrics/{dataset}/{variant}/{res}/shuffled.json"
 
 
-BASELINES = ["largest_object", "centre_object", "random_object"]
-
-
-def baseline_files(dataset, split):
-    """The text-blind baselines of one split, one file each (written by one job)."""
-    return [f"{RESULTS}/metrics/{dataset}/baselines/{split}/{kind}.json" for kind in BASELINES]
+def baseline_file(dataset):
+    """The text-blind baselines (largest / centre / random object) on every split of a dataset."""
+    return f"{RESULTS}/metrics/{dataset}/baselines.json"
 
 
 def control_metrics():
-    shuffled = [shuffled_metrics_file(j.dataset, j.variant, j.resolution, s) for j, s in EXP.shuffled_text_evaluations()]
-    blind = [f for d, s in EXP.baseline_splits() for f in baseline_files(d, s)]
+    shuffled = [shuffled_metrics_file(j.dataset, j.variant, j.resolution) for j in
+                dict.fromkeys(j for j, _ in EXP.shuffled_text_evaluations())]
+    blind = [baseline_file(d) for d in dict.fromkeys(d for d, _ in EXP.baseline_splits())]
     return shuffled + blind
 
 
@@ -71,17 +71,17 @@ def table_spec(table):
 
 def table_metrics(wildcards):
     spec, res = table_spec(wildcards.table)
-    files = [metrics_file(ds, v, res, s) for ds in spec["datasets"] for v in spec["variants"] for s in splits(ds)]
+    files = [metrics_file(ds, v, res) for ds in spec["datasets"] for v in spec["variants"]]
     controls = spec.get("controls", [])
     if "shuffled_text" in controls:
-        files += [shuffled_metrics_file(ds, "twister", res, s) for ds in spec["datasets"] for s in splits(ds)]
-    if set(controls) & set(BASELINES):
-        files += [f for ds in spec["datasets"] for s in splits(ds) for f in baseline_files(ds, s)]
+        files += [shuffled_metrics_file(ds, "twister", res) for ds in spec["datasets"]]
+    if set(controls) - {"shuffled_text"}:
+        files += [baseline_file(ds) for ds in spec["datasets"]]
     return files
 
 
 def all_metrics():
-    return [metrics_file(d, v, r, s) for (d, v, r) in JOBS for s in splits(d)] + control_metrics()
+    return [metrics_file(d, v, r) for (d, v, r) in JOBS] + control_metrics()
 
 
 def job_of(wildcards):

@@ -1,4 +1,5 @@
-# One evaluation per trained model and split (every sentence of every object), and the figure data.
+# One evaluation job per trained model (every sentence of every object of every split), the controls, and the
+# figure data.
 
 
 rule evaluate:
@@ -6,53 +7,57 @@ rule evaluate:
         ckpt=f"{RESULTS}/models/{{dataset}}/{{variant}}/{{res}}/best.pt",
         index=index_meta("{dataset}"),
     output:
-        f"{RESULTS}/metrics/{{dataset}}/{{variant}}/{{res}}/{{split}}.json",
+        metrics_file("{dataset}", "{variant}", "{res}"),
     params:
         index=lambda wc: f"{PROCESSED}/{wc.dataset}",
+        splits=lambda wc: splits(wc.dataset),
     threads: 1
     conda:
         "../envs/remamber.yaml"
     log:
-        f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
+        f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}.log",
     shell:
-        "remamber --threads {threads} evaluate --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
-        " --data-root {RAW} --out {output} > {log} 2>&1"
+        "remamber --threads {threads} evaluate --checkpoint {input.ckpt:q} --split {params.splits:q}"
+        " --index-dir {params.index:q} --data-root {RAW:q} --out {output:q} > {log:q} 2>&1"
 
 
+# The shuffled-text control: the same model, every sentence moved to a sample of another image.
 rule evaluate_shuffled_text:
     input:
         ckpt=f"{RESULTS}/models/{{dataset}}/{{variant}}/{{res}}/best.pt",
         index=index_meta("{dataset}"),
     output:
-        f"{RESULTS}/metrics/{{dataset}}/{{variant}}/{{res}}/{{split}}.shuffled.json",
+        shuffled_metrics_file("{dataset}", "{variant}", "{res}"),
     params:
         index=lambda wc: f"{PROCESSED}/{wc.dataset}",
+        splits=lambda wc: splits(wc.dataset),
     threads: 1
     conda:
         "../envs/remamber.yaml"
     log:
-        f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}/{{split}}.shuffled.log",
+        f"{LOGS}/evaluate/{{dataset}}/{{variant}}/{{res}}.shuffled.log",
     shell:
-        "remamber --threads {threads} evaluate --text shuffled --checkpoint {input.ckpt:q} --split {wildcards.split}"
+        "remamber --threads {threads} evaluate --text shuffled --checkpoint {input.ckpt:q} --split {params.splits:q}"
         " --index-dir {params.index:q} --data-root {RAW:q} --out {output:q} > {log:q} 2>&1"
 
 
+# Text-blind baselines: one object of the image picked without the sentence (no model, no torch).
 rule baselines:
     input:
         index=index_meta("{dataset}"),
     output:
-        [f"{RESULTS}/metrics/{{dataset}}/baselines/{{split}}/{kind}.json" for kind in BASELINES],
+        baseline_file("{dataset}"),
     params:
         index=lambda wc: f"{PROCESSED}/{wc.dataset}",
-        out_dir=lambda wc: f"{RESULTS}/metrics/{wc.dataset}/baselines/{wc.split}",
+        splits=lambda wc: splits(wc.dataset),
     threads: 1
     conda:
         "../envs/remamber.yaml"
     log:
-        f"{LOGS}/baselines/{{dataset}}/{{split}}.log",
+        f"{LOGS}/baselines/{{dataset}}.log",
     shell:
-        "remamber baseline --index-dir {params.index:q} --split {wildcards.split} --data-root {RAW:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "remamber baseline --index-dir {params.index:q} --split {params.splits:q} --data-root {RAW:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule inspect:
@@ -69,8 +74,8 @@ rule inspect:
     log:
         f"{LOGS}/inspect/{{dataset}}/{{variant}}/{{res}}/{{split}}.log",
     shell:
-        "remamber --threads {threads} inspect --checkpoint {input.ckpt} --split {wildcards.split} --index-dir {params.index}"
-        " --data-root {RAW} --out {output} > {log} 2>&1"
+        "remamber --threads {threads} inspect --checkpoint {input.ckpt:q} --split {wildcards.split:q}"
+        " --index-dir {params.index:q} --data-root {RAW:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule evaluate_all:

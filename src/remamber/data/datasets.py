@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from remamber.data.checks import ImageFileError, MissingImageError
+from remamber.data.controls import TEXT_MODES, shuffled_sources
 from remamber.data.preprocess import IndexDataError, index_path
 from remamber.data.refer import decode_mask
 from remamber.data.transforms import image_to_tensor, mask_to_tensor
@@ -38,7 +39,8 @@ class RefSegDataset(Dataset):
     """
 
     def __init__(self, index_dir: str | os.PathLike, split: str, mode: str, resolution: int,
-                 data_root: str | os.PathLike, seed: int = 0, max_items: int | None = None):
+                 data_root: str | os.PathLike, seed: int = 0, max_items: int | None = None,
+                 text: str = "matched"):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if not isinstance(resolution, int) or resolution <= 0:
@@ -73,6 +75,16 @@ class RefSegDataset(Dataset):
             self._items = [(i, -1) for i in range(self.num_objects)]
         if max_items is not None:
             self._items = self._items[:max_items]
+        # The shuffled-text control (remamber.data.controls): item i reads the sentence of item
+        # _text_source[i], which belongs to another image.
+        if text not in TEXT_MODES:
+            raise ValueError(f"text must be one of {TEXT_MODES}, got {text!r}")
+        if text == "shuffled" and mode != "eval":
+            raise ValueError("the shuffled-text control is an evaluation: use mode='eval'")
+        self.text = text
+        self._text_source: list[int] | None = None
+        if text == "shuffled":
+            self._text_source = shuffled_sources([self._objects[i]["image_path"] for i, _ in self._items], self.seed)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the sentence draw of `epoch` (train mode); call at the start of every epoch."""
@@ -110,10 +122,14 @@ class RefSegDataset(Dataset):
             raise ImageFileError(f"{image_file}: image of ref_id {obj['ref_id']} cannot be read ({exc}); the file "
                                  f"is truncated or corrupt: fetch and extract (or synthesise) it again") from exc
         mask = decode_mask(obj["mask_counts"], obj["height"], obj["width"])  # bool (H, W)
+        text = obj["sentences"][j]
+        if self._text_source is not None:
+            src_i, src_j = self._items[self._text_source[index]]
+            text = self._objects[src_i]["sentences"][src_j]
         item: dict[str, Any] = {
             "image": image,
             "mask": mask_to_tensor(mask, self.resolution),
-            "text": obj["sentences"][j],
+            "text": text,
             "ref_id": int(obj["ref_id"]),
             "sent_id": int(obj["sent_ids"][j]),
         }
