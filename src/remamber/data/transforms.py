@@ -1,4 +1,5 @@
-"""Square resize and ImageNet normalisation with PIL and torch only (no torchvision, see DESIGN §10)."""
+"""Square resize and ImageNet normalisation with PIL and torch only (no torchvision: it would replace the
+pinned CPU torch with a CUDA build; docs/design.md, section 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation: every sentence of every referred object of a split -> metrics.json (DESIGN.md section 5).
+"""Evaluation: every sentence of every referred object of a split -> metrics.json (docs/design.md, section 4).
 
 Protocols:
     "original": logits resized to the original image size (nearest, as the authors do), sigmoid > 0.5,

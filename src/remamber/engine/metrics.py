@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics: oIoU, mIoU and Prec@X (DESIGN.md section 5).
+"""Referring-segmentation metrics: oIoU, mIoU and Prec@X (docs/design.md, section 4).
 
 All arithmetic lives in `_metrics_from_counts`: `segmentation_metrics` (lists of masks) and
 `MetricAccumulator` (streaming, memory flat: two integers per sample) both end there.

@@ -1,4 +1,4 @@
-"""Optimizer parameter groups, the per-epoch cosine schedule and the EMA of the weights (DESIGN.md sec. 4)."""
+"""Optimizer parameter groups, the per-epoch cosine schedule and the EMA of the weights (docs/design.md, section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training loop: one (dataset, variant, resolution) job of the experiment matrix (DESIGN.md section 4).
+"""Training loop: one (dataset, variant, resolution) job of the experiment matrix (docs/design.md, section 3).
 
 Outputs in `out_dir`: `last.pt` (every epoch, with everything needed to resume exactly), `best.pt` (best
 val mIoU), `history.json` (one dict per epoch). Launch under `torchrun --nproc_per_node N` for DDP.

@@ -1,4 +1,4 @@
-"""MLflow tracking conventions for the pipeline (DESIGN.md section 8)."""
+"""MLflow tracking conventions for the pipeline (docs/design.md, section 6)."""
 
 from remamber.tracking.config import TrackingConfig
 from remamber.tracking.params import flatten_params
