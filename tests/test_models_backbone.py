@@ -335,3 +335,22 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     torch.save([1, 2, 3], wrong)
     with pytest.raises(ValueError, match="list.pth.*state dict"):
         load_vmamba_checkpoint(model, wrong)
+
+
+def test_ss2d_sums_its_four_directions_in_fp32(monkeypatch):
+    """VMamba's (and the authors') scan returns fp32 per direction and merges in fp32; in bf16,
+    256 + 1 + 1 + 1 rounds to 258 instead of 259."""
+    import remamber.models.ss2d as ss2d_module
+
+    module = SS2D(4)
+    module.project_out = lambda y: y  # look at the merged sum itself
+
+    def fake_scan(_, xs):
+        ys = torch.ones_like(xs, dtype=torch.bfloat16)
+        ys[:, 0] = 256.0
+        return ys
+
+    monkeypatch.setattr(ss2d_module, "directional_scan", fake_scan)
+    out = module(torch.randn(1, 4, 2, 3))
+    assert out.dtype == torch.float32
+    assert torch.all(out == 259.0)

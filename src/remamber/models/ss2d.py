@@ -61,7 +61,7 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.project_in(x)
         b, d, h, w = u.shape
-        ys = directional_scan(self, cross_scan(u))  # (B, 4, D, H*W)
+        ys = directional_scan(self, cross_scan(u)).float()  # (B, 4, D, H*W); summed in fp32, as VMamba
         y = cross_merge(ys, h, w).reshape(b, d, h, w)
         return self.project_out(y)
 
