@@ -227,3 +227,19 @@ def test_long_sentences_with_the_demo_tokenizer(tiny):
     true_lengths = [len(tokenizer(s)["input_ids"]) for s in sentences]
     for max_len in (4, 6, 20):
         assert count_long_sentences(sentences, lengths, max_len, "val") == sum(n > max_len for n in true_lengths)
+
+
+def test_decoded_cache_gives_the_same_items(tiny):
+    idx, raw = tiny
+    plain = RefSegDataset(idx, "train", "train", R, raw, seed=0)
+    cached = RefSegDataset(idx, "train", "train", R, raw, seed=0, cache_max_bytes=1 << 30)
+    small = RefSegDataset(idx, "train", "train", R, raw, seed=0, cache_max_bytes=16)  # does not fit: off
+    assert cached._decoded == {} and small._decoded is None and plain._decoded is None
+    for epoch in (0, 1):  # second epoch served from memory, with that epoch's sentence draw
+        for d in (plain, cached):
+            d.set_epoch(epoch)
+        for i in range(len(plain)):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and a["text"] == b["text"] and a["sent_id"] == b["sent_id"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    assert len(cached._decoded) == len(cached)

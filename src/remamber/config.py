@@ -21,6 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from remamber.errors import RemamberError
+from remamber.vocabulary import BASELINES, CONTROLS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT
 
 __all__ = [
     "ConfigError",
@@ -232,13 +233,6 @@ class TableSpec:
     variants: tuple[str, ...]
     controls: tuple[str, ...] = ()  # CONTROLS: extra rows that show how much the models use the text
 
-
-# Evaluation-only rows of a table: the twister with every sentence moved to another image, and three
-# text-blind guesses (remamber.engine.baselines). They cost evaluations, no training.
-SHUFFLED_TEXT = "shuffled_text"
-SHUFFLED_TEXT_VARIANT = "twister"
-BASELINE_CONTROLS = ("largest_object", "centre_object", "random_object")
-CONTROLS = (SHUFFLED_TEXT, *BASELINE_CONTROLS)
 
 
 @dataclass(frozen=True)
@@ -533,7 +527,7 @@ class ExperimentConfig:
         """(dataset, split) on which the text-blind baselines are scored (any table asking for one)."""
         out: list[tuple[str, str]] = []
         for table in self.tables.values():
-            if not set(table["controls"]) & set(BASELINE_CONTROLS):
+            if not set(table["controls"]) & set(BASELINES):
                 continue
             for ds in table["datasets"]:
                 out += [(ds, s) for s in self.data.datasets[ds].splits if (ds, s) not in out]

@@ -40,7 +40,7 @@ class RefSegDataset(Dataset):
 
     def __init__(self, index_dir: str | os.PathLike, split: str, mode: str, resolution: int,
                  data_root: str | os.PathLike, seed: int = 0, max_items: int | None = None,
-                 text: str = "matched"):
+                 text: str = "matched", cache_max_bytes: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if not isinstance(resolution, int) or resolution <= 0:
@@ -82,6 +82,11 @@ class RefSegDataset(Dataset):
         if text == "shuffled" and mode != "eval":
             raise ValueError("the shuffled-text control is an evaluation: use mode='eval'")
         self.text = text
+        # Train mode, no augmentation: an object's resized image and mask are the same every epoch. Keep
+        # them in memory when they fit in cache_max_bytes (small sets: the CPU demo), else read per item.
+        per_object = 4 * 4 * resolution * resolution  # float32 image (3 channels) + mask (1)
+        self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if mode == "train" and self.num_objects * per_object <= cache_max_bytes else None)
         self._text_source: list[int] | None = None
         if text == "shuffled":
             self._text_source = shuffled_sources([self._objects[i]["image_path"] for i, _ in self._items], self.seed)
@@ -105,6 +110,10 @@ class RefSegDataset(Dataset):
         obj_i, _ = self._items[index]
         obj = self._objects[obj_i]
         j = self.sentence_index(index)
+        if self._decoded is not None and obj_i in self._decoded:
+            image, mask_t = self._decoded[obj_i]
+            return {"image": image, "mask": mask_t, "text": obj["sentences"][j], "ref_id": int(obj["ref_id"]),
+                    "sent_id": int(obj["sent_ids"][j])}
         image_file = self.data_root / obj["image_path"]
         try:
             with Image.open(image_file) as im:
@@ -133,6 +142,8 @@ class RefSegDataset(Dataset):
             "ref_id": int(obj["ref_id"]),
             "sent_id": int(obj["sent_ids"][j]),
         }
+        if self._decoded is not None:
+            self._decoded[obj_i] = (item["image"], item["mask"])
         if self.mode == "eval":
             item["orig_mask"] = mask
             item["orig_size"] = (int(obj["height"]), int(obj["width"]))

@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 from remamber.data.preprocess import index_path, read_meta
 from remamber.data.refer import annotation_mask, decode_mask, load_instances
 from remamber.engine.metrics import METRIC_KEYS, MetricAccumulator
-
-BASELINES = ("largest_object", "centre_object", "random_object")
+from remamber.vocabulary import BASELINES
 
 
 def _candidates(instances: dict[str, Any], image_id: int, mask_mode: str, where: str) -> list[np.ndarray]:

@@ -18,17 +18,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from remamber.reports._io import write_with
+from remamber.vocabulary import variant_label
 
 DPI = 100
 PANEL_IN = 2.0
 PANEL_3D_IN = 3.0
 CURVE_PANEL_IN = (4.0, 3.0)
-VARIANT_NAMES = {
-    "attention": "Attention", "in_context": "In-Context", "norm_adaptation": "Adaptation",
-    "twister": "ReMamber (Mamba Twister)", "channel_only": "Channel only", "spatial_only": "Spatial only",
-    "parallel": "Parallel", "spatial_channel": "Spatial-Channel", "global_only": "Global only",
-    "local_only": "Local only",
-}
 IMAGE_COLOUR, TEXT_COLOUR, MIXED_COLOUR, TARGET_COLOUR = "tab:red", "tab:blue", "tab:purple", "black"
 
 
@@ -166,7 +161,7 @@ def _wrap(text: str, width: int = 34) -> str:
 
 
 def _label(name: str) -> str:
-    return VARIANT_NAMES.get(name, name)
+    return variant_label(name)
 
 
 # ---- figures ----

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from remamber.errors import RemamberError
+from remamber.vocabulary import BASELINES, DATASETS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT, variant_label
 from remamber.reports import latex
 from remamber.reports._io import write_text_atomic, write_with
 from remamber.reports.paper_numbers import (
@@ -34,22 +35,10 @@ from remamber.reports.paper_numbers import (
 
 PAPER_LOW_RESOLUTION = 256  # Tables 1, 3, 4 of the paper
 PAPER_HIGH_RESOLUTION = 480  # Table 2
-DATASET_NAMES = {"refcoco": "RefCOCO", "refcoco+": "RefCOCO+", "refcocog": "G-Ref"}
+DATASET_NAMES = {name: facts.label for name, facts in DATASETS.items()}
 METRIC_LABELS = {
     "mIoU": "mIoU", "oIoU": "oIoU",
     "prec@50": "Pr@50", "prec@60": "Pr@60", "prec@70": "Pr@70", "prec@80": "Pr@80", "prec@90": "Pr@90",
-}
-VARIANT_NAMES = {
-    "attention": "Attention",
-    "in_context": "In-Context",
-    "norm_adaptation": "Adaptation",
-    "twister": "Mamba Twister",
-    "channel_only": "Channel Scan only",
-    "spatial_only": "Spatial Scan only",
-    "parallel": "Parallel",
-    "spatial_channel": "Spatial-Channel",
-    "global_only": "Image + Global",
-    "local_only": "Image + Local",
 }
 # Check-mark columns of the ablation tables: per variant either one cell per column, or a label
 # spanning them all (as the paper prints "Parallel", "Spatial-Channel", "Channel-Spatial").
@@ -78,10 +67,8 @@ CAPTIONS = {
 # "text" is "matched" (ordinary; the default when absent), "shuffled" (every sentence moved to another
 # image) or "none" (a text-blind baseline, scored at the original size whatever the table's resolution).
 CONTROL_ROWS = {
-    "shuffled_text": ("twister", "shuffled", "Mamba Twister, shuffled text"),
-    "largest_object": ("largest_object", "none", "Largest object (no text)"),
-    "centre_object": ("centre_object", "none", "Object nearest the centre (no text)"),
-    "random_object": ("random_object", "none", "Random object (no text)"),
+    SHUFFLED_TEXT: (SHUFFLED_TEXT_VARIANT, "shuffled", f"{variant_label(SHUFFLED_TEXT_VARIANT)}, shuffled text"),
+    **{kind: (kind, "none", label) for kind, label in BASELINES.items()},
 }
 REQUIRED_RECORD_KEYS = ("dataset", "variant", "resolution", "split")
 META_COLUMNS = ["dataset", "variant", "name", "source", "resolution"]
@@ -236,7 +223,7 @@ def _table2_frame(name: str, spec: Mapping[str, Any], records: Sequence[Mapping[
 def _display_name(name: str, variant: str) -> str:
     if name in ABLATION_COLUMNS and variant in ABLATION_COLUMNS[name][1]:
         return ABLATION_COLUMNS[name][1][variant][1]
-    return VARIANT_NAMES.get(variant, variant)
+    return variant_label(variant)
 
 
 def build_table(name: str, spec: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
