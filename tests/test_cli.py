@@ -148,3 +148,10 @@ def test_layer_warnings_reach_the_user_as_one_line_each(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.startswith("remamber: WARNING: ")]
     assert any("skipped 1 polygon(s) of fewer than 3 points in 1 object(s)" in line for line in lines), out.stderr
     assert any("no expected counts given" in line for line in lines), out.stderr
+
+
+def test_unknown_synthetic_size_is_one_line(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "s"), "--size", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("remamber: error: --size: unknown synthetic size 'huge'; choose one of tiny, demo")
+    assert not (tmp_path / "s").exists()

@@ -98,3 +98,18 @@ def test_training_reports_sentences_cut_at_max_text_len(data, tmp_path, caplog):
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         evaluate(tmp_path / "out" / "best.pt", "val", tmp_path / "m.json", batch_size=0, tracking=False)
     assert not (tmp_path / "m.json").exists()
+    # prediction on one's own image: a truncated file is named, and the command says so in one line
+    from PIL import Image
+
+    from remamber.cli import main
+    from remamber.data.checks import ImageFileError
+    from remamber.engine.predict import predict
+
+    own = tmp_path / "my photo.jpg"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(own)
+    own.write_bytes(own.read_bytes()[:300])
+    with pytest.raises(ImageFileError, match=r"my photo\.jpg: not a readable image \("):
+        predict(tmp_path / "out" / "best.pt", own, "the red one", tmp_path / "o.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "out" / "best.pt"), "--image", str(own),
+                 "--text", "the red one", "--out", str(tmp_path / "o.png")]) == 2
+    assert not (tmp_path / "o.png").exists()

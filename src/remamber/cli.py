@@ -92,8 +92,10 @@ def _key_value_paths(pairs: list[str], what: str) -> dict[str, Path]:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     from remamber.data.manifest import write_manifest
-    from remamber.data.synth import write_synthetic
+    from remamber.data.synth import SIZES, write_synthetic
 
+    if args.size not in SIZES:
+        raise CLIError(f"--size: unknown synthetic size {args.size!r}; choose one of {', '.join(SIZES)}")
     write_synthetic(args.out, seed=args.seed, size=args.size)
     write_manifest(args.out)
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from remamber.data.checks import ImageFileError
 from remamber.engine.checkpoint import load_model
 from remamber.engine.evaluate import logits_to_masks
 
@@ -55,8 +56,8 @@ def predict(
             pil = im.convert("RGB")
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{image_path}: image not found") from exc
-    except OSError as exc:
-        raise ValueError(f"{image_path}: not a readable image ({exc})") from exc
+    except OSError as exc:  # truncated or not an image: PIL's message does not name the file
+        raise ImageFileError(f"{image_path}: not a readable image ({exc})") from exc
 
     model, meta = load_model(checkpoint)
     tensor = image_to_tensor(pil, int(meta["resolution"]))[None]  # (1, 3, R, R)
