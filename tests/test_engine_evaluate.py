@@ -1,6 +1,7 @@
 """Evaluation on a split other than val, prediction PNGs, load_model, and the MLflow runs they log."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ from remamber.config import ExperimentConfig
 from remamber.engine.checkpoint import file_sha256, load_model
 from remamber.engine.evaluate import evaluate
 from remamber.engine.predict import predict
-from remamber.engine.train import train
+from remamber.data.preprocess import data_hash
+from remamber.engine.train import out_dir_id, train
 
 RES = 32
 CONTRACT_KEYS = {"dataset", "variant", "resolution", "split", "protocol", "n", "oIoU", "mIoU", "prec@50",
-                 "prec@60", "prec@70", "prec@80", "prec@90", "checkpoint", "checkpoint_sha256", "config_name"}
+                 "prec@60", "prec@70", "prec@80", "prec@90", "checkpoint", "checkpoint_sha256", "config_name",
+                 "text", "index", "index_data_hash"}
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +110,14 @@ def test_evaluate_testB_writes_contract_metrics_and_nested_run(trained, tmp_path
     root, best, scored = trained["root"], trained["best"], trained["scored"]
     index_dir, data_root = root / "processed" / "refcoco", root / "raw"
     out = tmp_path / "metrics" / "testB.json"
-    record = evaluate(scored, "testB", out, batch_size=1)
+    record = evaluate(scored, "testB", out, batch_size=1, tracking_uri=trained["uri"])
     written = json.loads(out.read_text())
     assert written == record and set(written) == CONTRACT_KEYS
     assert (written["dataset"], written["variant"], written["resolution"], written["split"]) == \
         ("refcoco", "twister", RES, "testB")
     assert written["protocol"] == "original" and written["config_name"] == "evaltest"
     assert written["checkpoint_sha256"] == file_sha256(scored)
+    assert written["index"] == str(index_dir) and written["index_data_hash"] == data_hash(index_dir)
     meta = json.loads((index_dir / "meta.json").read_text())
     assert written["n"] == meta["counts"]["testB"]["sentences"]  # every sentence of every object
 
@@ -138,9 +142,22 @@ def test_evaluate_testB_writes_contract_metrics_and_nested_run(trained, tmp_path
     client = MlflowClient(tracking_uri=trained["uri"])
     exp = client.get_experiment_by_name("table1")
     runs = client.search_runs([exp.experiment_id])
-    parent = [r for r in runs if r.data.tags.get("remamber.run_key") == "evaltest/refcoco/twister/32"]
+    parent = [r for r in runs if r.data.tags.get("mlflow.runName") == "evaltest/refcoco/twister/32"]
     assert len(parent) == 1
     parent = parent[0]
+    # Keyed by output folder too: the key is "<run key>@<id of the folder>".
+    assert parent.data.tags["remamber.run_key"] == \
+        f"evaltest/refcoco/twister/32@{out_dir_id(trained['root'] / 'model')}"
+    # The UI: a model-training experiment; Source and Version columns; the Dataset column.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.tags["mlflow.source.name"] == "remamber"
+    # (HEAD may move while the suite runs: other commits land; the commit's origin is tested in tracking.)
+    assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags["mlflow.source.git.commit"])
+    [train_input] = parent.inputs.dataset_inputs
+    assert (train_input.dataset.name, train_input.dataset.digest) == ("refcoco", data_hash(index_dir)[:16])
+    assert json.loads(train_input.dataset.source) == {"uri": str(index_dir)}
+    assert {t.key: t.value for t in train_input.tags} == {"mlflow.data.context": "train",
+                                                          "remamber.data_hash": data_hash(index_dir)}
     assert parent.data.params["train.epochs"] == "1" and parent.data.params["job.variant"] == "twister"
     assert parent.data.tags["remamber.tables"] == "table1,table3"
     assert parent.data.tags["remamber.config_hash"] == trained["cfg"].config_hash()
@@ -150,6 +167,66 @@ def test_evaluate_testB_writes_contract_metrics_and_nested_run(trained, tmp_path
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 1
     assert children[0].data.metrics["mIoU"] == pytest.approx(written["mIoU"])
+    assert children[0].data.tags["remamber.data_hash"] == data_hash(index_dir)
+    [eval_input] = children[0].inputs.dataset_inputs
+    assert eval_input.dataset.digest == data_hash(index_dir)[:16]
+
+
+def test_eval_provenance_is_the_evaluated_index(trained, tmp_path, monkeypatch):
+    """Issue 12 item 11: evaluated on another index than the training's, the eval run's data-hash tag and
+    metrics.json name that index, not the training data."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    root = trained["root"]
+    other = tmp_path / "other-index"
+    shutil.copytree(root / "processed" / "refcoco", other)
+    shutil.copy(other / "testB.parquet", other / "extra.parquet")  # other bytes -> another data hash
+    assert data_hash(other) != data_hash(root / "processed" / "refcoco")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    record = evaluate(trained["scored"], "testB", tmp_path / "m.json", index_dir=other, batch_size=4)
+    assert record["index"] == str(other) and record["index_data_hash"] == data_hash(other)
+    client = MlflowClient(tracking_uri=trained["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("table1").experiment_id],
+                              filter_string=f"tags.`remamber.data_hash` = '{data_hash(other)}'")
+    assert [r.data.tags["remamber.split"] for r in runs] == ["testB"]
+    assert runs[0].data.tags["remamber.train_data_hash"] == data_hash(root / "processed" / "refcoco")
+
+
+def test_checkpoint_does_not_choose_the_tracking_store(trained, tmp_path, monkeypatch):
+    """Issue 12 item 9: the store named in a checkpoint's config is never used (nor created); the user's
+    MLFLOW_TRACKING_URI is."""
+    from remamber.engine.checkpoint import read_checkpoint
+    from mlflow import MlflowClient
+
+    state = read_checkpoint(trained["scored"])
+    planted = tmp_path / "planted.db"
+    state["meta"]["config"]["tracking"]["uri"] = f"sqlite:///{planted}"
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    evaluate(edited, "testA", tmp_path / "testA.json", batch_size=4)
+    assert not planted.exists()
+    client = MlflowClient(tracking_uri=trained["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("table1").experiment_id],
+                              filter_string="tags.`remamber.split` = 'testA'")
+    assert len(runs) == 1 and runs[0].data.tags["remamber.checkpoint_sha256"] == file_sha256(edited)
+
+
+def test_evaluate_checks_destination_before_scoring(trained, tmp_path, monkeypatch):
+    """Issue 12 item 14: --out naming a folder fails at once (nothing scored) and leaves no temporary."""
+    import remamber.engine.evaluate as evaluate_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the destination was checked")
+
+    monkeypatch.setattr(evaluate_module, "score_loader", never)
+    dest = tmp_path / "outdir"
+    dest.mkdir()
+    with pytest.raises(ValueError, match=r"--out .*outdir: is a folder"):
+        evaluate(trained["scored"], "testB", dest, tracking=False)
+    assert list(tmp_path.iterdir()) == [dest] and list(dest.iterdir()) == []
 
 
 def test_evaluate_unknown_split_is_named(trained, tmp_path):

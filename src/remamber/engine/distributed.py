@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,27 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
         # than the default collective timeout (10 min for NCCL).
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 rank=info.rank, world_size=info.world_size, timeout=timedelta(hours=2))
+
+
+def resolve_device(device: str | torch.device | None, info: DistInfo) -> torch.device:
+    """The torch.device to run on, with its CUDA index filled in and made current.
+
+    None: this process's GPU when CUDA is available, else the CPU. A bare "cuda" means this process's GPU
+    too: LOCAL_RANK under torchrun, else the current CUDA device (CUDA_VISIBLE_DEVICES is honoured).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r}: not a device name (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def shutdown_distributed() -> None:
@@ -178,3 +200,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class BatchNormReplay:
+    """BatchNorm running statistics under DDP, exactly as one process accumulating gradients keeps them.
+
+    Each micro-batch is normalised with its own statistics in both set-ups (per_device items), but one
+    process updates the running mean/var after every micro-batch of a step, in order, while each DDP
+    process sees only its share (and DDP would broadcast rank 0's). So the batch statistics of every
+    micro-batch are recorded (a forward pre-hook), gathered from all ranks at the end of the step, and the
+    momentum updates replayed in the one-process order (micro-batch k of rank r is number k * world + r)
+    from the statistics before the step, on every rank alike.
+    """
+
+    def __init__(self, model: nn.Module, info: DistInfo) -> None:
+        self.info = info
+        self.modules = [m for m in model.modules()
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.records: list[list[torch.Tensor]] = [[] for _ in self.modules]
+        self.before: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        for i, module in enumerate(self.modules):
+            module.register_forward_pre_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def record(module: nn.Module, args: tuple) -> None:
+            if not module.training:
+                return
+            if self.before is None:  # first micro-batch of the step: keep the statistics to replay from
+                self.before = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                               for m in self.modules]
+            x = args[0].detach().float()
+            dims = [0, *range(2, x.dim())]
+            # What BatchNorm folds into running_var: the unbiased variance of the batch.
+            self.records[i].append(torch.stack([x.mean(dims), x.var(dims, unbiased=True)]))
+        return record
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """Replay the step's updates (call once per optimizer step, after its last micro-batch)."""
+        if not self.modules or self.before is None:
+            return
+        counts = {len(r) for r in self.records}
+        if len(counts) != 1:
+            raise RuntimeError(f"BatchNorm layers saw different numbers of micro-batches: {sorted(counts)}")
+        local = torch.cat([torch.stack(r).flatten(1) for r in self.records], dim=1)  # (accumulation, sum 2C)
+        gathered = [torch.empty_like(local) for _ in range(self.info.world_size)]
+        dist.all_gather(gathered, local.contiguous())
+        ordered = torch.stack(gathered, dim=1).flatten(0, 1)  # (accumulation * world, sum 2C), k-major
+        offset = 0
+        for module, (mean, var, tracked) in zip(self.modules, self.before):
+            c = module.num_features
+            stats = ordered[:, offset:offset + 2 * c].reshape(-1, 2, c).to(mean.device)
+            offset += 2 * c
+            mean, var, tracked = mean.clone(), var.clone(), tracked.clone()
+            for batch_mean, batch_var in stats:
+                tracked += 1
+                factor = 1.0 / float(tracked) if module.momentum is None else module.momentum
+                mean.mul_(1 - factor).add_(batch_mean.to(mean.dtype), alpha=factor)
+                var.mul_(1 - factor).add_(batch_var.to(var.dtype), alpha=factor)
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
+            module.num_batches_tracked.copy_(tracked)
+        self.records = [[] for _ in self.modules]
+        self.before = None

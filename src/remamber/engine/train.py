@@ -1,14 +1,17 @@
 """Training loop: one (dataset, variant, resolution) job of the experiment matrix (docs/design.md, section 3).
 
-Outputs in `out_dir`: `last.pt` (every epoch, with everything needed to resume exactly), `best.pt` (best
-val mIoU), `history.json` (one dict per epoch). Launch under `torchrun --nproc_per_node N` for DDP.
+Outputs in `out_dir`: `last.pt` (every epoch, with everything needed to resume exactly), `best.pt` (the
+validated weights of the best val mIoU, nothing else), `history.json` (one dict per epoch; the MLflow run's
+metrics are a replayable view of it). Launch under `torchrun --nproc_per_node N` for DDP.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -22,18 +25,22 @@ from tqdm import tqdm
 from remamber.config import ConfigError, ExperimentConfig
 from remamber.errors import RemamberError
 from remamber.engine.checkpoint import (
-    CheckpointError, file_sha256, read_checkpoint, save_checkpoint, unwrap,
+    CheckpointError, file_sha256, frozen_reference, load_weights, read_checkpoint, save_checkpoint,
 )
 from remamber.engine.distributed import (
-    DistInfo, GlobalBatchSampler, any_rank, barrier, batch_split, dist_info_from_env, epoch_seed,
-    gather_rng_states, init_distributed, micro_batch_seed, seed_everything, set_rng_state,
-    shutdown_distributed,
+    BatchNormReplay, DistInfo, GlobalBatchSampler, any_rank, barrier, batch_split, dist_info_from_env,
+    epoch_seed, gather_rng_states, init_distributed, micro_batch_seed, resolve_device, seed_everything,
+    set_rng_state, shutdown_distributed,
 )
 from remamber.engine.evaluate import amp_dtype_for, score_loader
 from remamber.engine.optim import CosineEpochSchedule, ModelEMA, all_params, build_optimizer
 from remamber.models import build_model, dice_bce_loss
 
 HISTORY_KEYS = ("epoch", "loss", "lr", "val_mIoU", "val_oIoU", "images_per_s", "seconds")
+TRACKED_KEYS = ("loss", "lr", "val_mIoU", "val_oIoU", "images_per_s")  # MLflow metrics, step = epoch
+OUTPUT_NAMES = ("last.pt", "best.pt", "history.json")
+# Temporary files of the atomic writers (checkpoint.atomic_torch_save, _write_json_atomic): ".NAME.tmp-PID".
+_TMP_RE = re.compile(r"^\.(last\.pt|best\.pt|history\.json)\.tmp-(\d+)$")
 
 
 class NonFiniteLossError(RemamberError, FloatingPointError):
@@ -51,13 +58,31 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _resolve_device(device: str | torch.device | None, info: DistInfo) -> torch.device:
-    if device is None:
-        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+def out_dir_id(out_dir: str | Path) -> str:
+    """A short stable id of an output folder (its absolute path): part of the MLflow run key, so two
+    trainings of one model in different folders get two runs."""
+    return hashlib.sha256(os.path.abspath(os.fspath(out_dir)).encode("utf-8")).hexdigest()[:12]
+
+
+def _remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Temporary files left by a killed writer (its pid no longer runs): nothing else removes them."""
+    removed = []
+    if not out_dir.is_dir():
+        return removed
+    for path in out_dir.iterdir():
+        match = _TMP_RE.match(path.name)
+        if match is None or int(match.group(2)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(2)), 0)
+            continue  # a live writer (another process on this folder): not ours to touch
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _amp_dtype(enabled: bool, device: torch.device, choice: str = "auto") -> torch.dtype | None:
@@ -75,12 +100,16 @@ def train(
     experiment: str | None = None,
     tables: list[str] | None = None,
     device: str | torch.device | None = None,
+    overwrite: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train one model; returns {"best": path, "last": path, "history": path, "best_val_mIoU": float}.
 
     `cfg` is an ExperimentConfig or the path of a params file. `resume=True` continues from
-    `out_dir/last.pt` when it exists (else starts afresh). `experiment`/`tables` default to the job's entry
-    in the experiment matrix (the first table using it / all of them).
+    `out_dir/last.pt` when it exists (else starts afresh). A folder that already holds a training is
+    refused unless `resume` or `overwrite` (which starts again from scratch, replacing it).
+    `experiment`/`tables` default to the job's entry in the experiment matrix (the first table using it /
+    all of them). `tracking_uri` (the command line's) overrides the params file's tracking.uri.
     """
     if not isinstance(cfg, ExperimentConfig):
         cfg = ExperimentConfig.from_yaml(cfg)
@@ -93,18 +122,25 @@ def train(
         experiment = experiment or job.experiment
         tables = list(job.tables) if tables is None else tables
 
+    out_dir = Path(out_dir)
+    existing = [name for name in OUTPUT_NAMES if (out_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise CheckpointError(
+            f"{out_dir}: already holds a training ({', '.join(existing)}); pass --resume to continue it or "
+            f"--overwrite to train again from scratch (replacing it)")
     info = dist_info_from_env()
-    device = _resolve_device(device, info)
+    device = resolve_device(device, info)
     init_distributed(info, device)
     try:
-        return _train(cfg, dataset, variant, resolution, Path(out_dir), resume, experiment, list(tables),
-                      device, info)
+        return _train(cfg, dataset, variant, resolution, out_dir, resume, experiment, list(tables),
+                      device, info, overwrite, tracking_uri)
     finally:
         shutdown_distributed()
 
 
 def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, out_dir: Path, resume: bool,
-           experiment: str, tables: list[str], device: torch.device, info: DistInfo) -> dict[str, Any]:
+           experiment: str, tables: list[str], device: torch.device, info: DistInfo, overwrite: bool,
+           tracking_uri: str | None) -> dict[str, Any]:
     from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
     from remamber.data.preprocess import data_hash
@@ -129,6 +165,9 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
 
     model_cfg = cfg.model_config(variant)
     model = build_model(model_cfg).to(device)
+    if tc.freeze_text_encoder:
+        model.text_encoder.freeze()  # before the optimizer is built: its parameters stay out of it
+    frozen = frozen_reference(model)  # hashed once; every checkpoint references it
     if info.is_main:
         report_long_sentences(model, index_dir, ["train", "val"])  # a warning with the count, not silence
     pretrained_backbone = model_cfg.pretrained_backbone is not None
@@ -143,9 +182,17 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         "model_config": model_cfg.to_dict(), "dataset": dataset, "variant": variant,
         "resolution": resolution, "data_hash": d_hash, "run_key": run_key, "experiment": experiment,
         "tables": list(tables), "world_size": info.world_size,
+        "tracking_key": f"{run_key}@{out_dir_id(out_dir)}", "index": str(index_dir),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, history_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "history.json"
+    if info.is_main:
+        for stale in _remove_stale_temporaries(out_dir):
+            _log(info, f"[train] removed {stale}, left by a writer that was killed")
+        if overwrite and not (resume and last_path.exists()):
+            for path in (last_path, best_path, history_path):
+                path.unlink(missing_ok=True)
+    barrier(info)
 
     history: list[dict[str, Any]] = []
     best_miou = -math.inf
@@ -153,7 +200,7 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
     if resume and last_path.exists():
         state = read_checkpoint(last_path)
         _check_resumable(last_path, state["meta"], meta_base)
-        unwrap(model).load_state_dict(state["model"])
+        load_weights(model, state["model"], state["meta"], last_path)
         training = state["training"]
         if training is None:
             raise CheckpointError(f"{last_path}: holds no training state, cannot resume from it")
@@ -163,7 +210,7 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         if ema is not None:
             if state["ema"] is None:
                 raise CheckpointError(f"{last_path}: no EMA state but train.ema_decay is set")
-            ema.load_state_dict(state["ema"])
+            load_weights(ema.module, state["ema"], state["meta"], last_path)
         rng = training["rng"]
         if len(rng) != info.world_size:
             _log(info, f"[train] note: {last_path} was written by {len(rng)} process(es), now "
@@ -177,14 +224,21 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         _log(info, f"[train] no {last_path}: starting {run_key} from scratch")
 
     ddp_model: nn.Module = model
+    bn_replay = None
     if info.enabled:
+        # BatchNorm running statistics are replayed in one-process order (see BatchNormReplay), so DDP's
+        # buffer broadcast from rank 0 is not wanted.
+        bn_replay = BatchNormReplay(model, info)
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            find_unused_parameters=True, broadcast_buffers=False)
 
-    tracker_run = _open_tracking(cfg, info, experiment, run_key, meta_base, tables)
+    tracker_run = _open_tracking(cfg, info, experiment, meta_base, tables, fresh=start_epoch == 0,
+                                 uri=tracking_uri)
     params = all_params(optimizer.param_groups)
     with tracker_run as run:
+        run.log_dataset(dataset, d_hash, str(index_dir), "train")
+        run.sync_history(history, TRACKED_KEYS, "epoch")  # what a kill or a store outage kept from it
         for epoch in range(start_epoch, tc.epochs):
             t0 = time.perf_counter()
             schedule.set_epoch(epoch)
@@ -213,10 +267,12 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                                            input_ids.to(device), attention_mask.to(device))
                     loss = dice_bce_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
                     if any_rank(not bool(torch.isfinite(loss)), info, device):
+                        kept = (f"The last good checkpoint {last_path} is untouched." if last_path.exists()
+                                else "No checkpoint was written (no epoch finished).")
                         raise NonFiniteLossError(
                             f"{run_key}: non-finite loss ({loss.item()} on rank {info.rank}) at epoch "
                             f"{epoch + 1}, step {step + 1} (micro-batch {k + 1}/{accumulation}); stopped. "
-                            f"The last good checkpoint {last_path} is untouched.")
+                            f"{kept}")
                     scaler.scale(loss / accumulation).backward()
                 loss_sum += loss.detach().double().cpu()
                 if last_micro:
@@ -226,6 +282,8 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
+                    if bn_replay is not None:
+                        bn_replay.finish_step()
                     if ema is not None:
                         ema.update(model)
                     bar.update(1)
@@ -256,17 +314,17 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                 best_miou = max(best_miou, val["mIoU"])
                 meta = {**meta_base, "epoch": epoch + 1, "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"]}
                 ema_state = ema.state_dict() if ema is not None else None
-                if improved:
-                    save_checkpoint(best_path, model, meta, ema_state=ema_state)
-                save_checkpoint(last_path, model, meta, ema_state=ema_state, training={
+                if improved:  # the validated weights only: what evaluation and prediction load
+                    save_checkpoint(best_path, model, meta, model_state=ema_state,
+                                    model_weights="ema" if ema is not None else "raw", frozen=frozen)
+                save_checkpoint(last_path, model, meta, ema_state=ema_state, frozen=frozen, training={
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_states, "history": history,
                     "best_val_mIoU": best_miou,
                     "data_order": {"seed": tc.seed, "next_epoch": epoch + 1, "world_size": info.world_size},
                 })
                 _write_json_atomic(history, history_path)
-                run.log_metrics({k: float(entry[k]) for k in ("loss", "lr", "val_mIoU", "val_oIoU",
-                                                              "images_per_s")}, step=epoch + 1)
+                run.sync_history(history, TRACKED_KEYS, "epoch")
                 _log(info, f"[train] epoch {epoch + 1}/{tc.epochs}: loss {mean_loss:.4f}, "
                            f"val mIoU {val['mIoU']:.2f}, oIoU {val['oIoU']:.2f}, "
                            f"{entry['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
@@ -310,19 +368,22 @@ def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> 
                                   f"(delete the folder or train without resume)")
 
 
-def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, run_key: str,
-                   meta: dict[str, Any], tables: list[str]):
-    """The MLflow run of this model on rank 0; a no-op handle elsewhere or when tracking is off."""
+def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, meta: dict[str, Any],
+                   tables: list[str], fresh: bool, uri: str | None):
+    """The MLflow run of this model (keyed by run key and output folder) on rank 0; a no-op handle
+    elsewhere or when tracking is off. `fresh`: the history starts again, so a run that already holds
+    metrics under this key is superseded rather than mixed with the new ones."""
     from remamber.tracking import NoOpRun, Tracker, TrackingConfig
 
     if not info.is_main or not cfg.tracking.enabled:
         return NoOpRun()
-    tracker = Tracker(TrackingConfig.from_dict({"enabled": cfg.tracking.enabled, "uri": cfg.tracking.uri,
+    tracker = Tracker(TrackingConfig.from_dict({"enabled": cfg.tracking.enabled, "uri": uri or cfg.tracking.uri,
                                                 "on_error": cfg.tracking.on_error}))
     tags = {"remamber.config_hash": meta["config_hash"], "remamber.data_hash": meta["data_hash"],
             "remamber.dataset": meta["dataset"], "remamber.variant": meta["variant"],
             "remamber.resolution": meta["resolution"], "remamber.tables": ",".join(tables),
-            "remamber.config_name": cfg.name}
+            "remamber.config_name": cfg.name, "remamber.index": meta["index"]}
     params = {**cfg.to_dict(), "job": {"dataset": meta["dataset"], "variant": meta["variant"],
                                        "resolution": meta["resolution"]}}
-    return tracker.training_run(experiment, run_key, params=params, tags=tags)
+    return tracker.training_run(experiment, meta["tracking_key"], params=params, tags=tags,
+                                run_name=meta["run_key"], fresh=fresh)

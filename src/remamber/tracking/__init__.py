@@ -3,11 +3,12 @@
 from remamber.tracking.config import TrackingConfig
 from remamber.tracking.params import flatten_params
 from remamber.tracking.store import TrackingError, resolve_tracking_uri
-from remamber.tracking.tracker import NoOpRun, RunHandle, Tracker, TrackingWarning, git_commit
+from remamber.tracking.tracker import NoOpRun, RunHandle, Terminated, Tracker, TrackingWarning, git_commit
 
 __all__ = [
     "NoOpRun",
     "RunHandle",
+    "Terminated",
     "Tracker",
     "TrackingConfig",
     "TrackingError",

@@ -12,7 +12,9 @@ import contextlib
 import io
 import math
 import re
+import signal
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -38,6 +40,9 @@ RUN_KEY_TAG = "remamber.run_key"
 SUPERSEDED_TAG = "remamber.superseded_run_key"
 PARENT_TAG = "mlflow.parentRunId"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Marks an experiment as model training, so the MLflow 3 UI opens it on its runs, not the GenAI traces view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # run keys end up inside a search filter string: keep them to characters that need no quoting.
 _RUN_KEY_RE = re.compile(r"^[A-Za-z0-9_.:/@=+\-]+$")
 _BATCH_PARAMS = 100  # MLflow's per-batch limits for params/tags and metrics
@@ -48,8 +53,34 @@ class TrackingWarning(UserWarning):
     """Tracking failed and was switched off (``on_error: warn``)."""
 
 
+class Terminated(SystemExit):
+    """SIGTERM (what Slurm, Snakemake and `kill` send) turned into an exception inside an open run, so the
+    run ends as KILLED; the process still exits with 128 + 15 like an unhandled SIGTERM."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
 def git_commit(cwd: str | Path | None = None) -> tuple[str, bool] | None:
-    """(HEAD commit, dirty?) of the git checkout at ``cwd``, or None outside git."""
+    """(HEAD commit, dirty?) of the git checkout the remamber package was loaded from (or of ``cwd``),
+    or None when the package is not a tracked part of a checkout (e.g. installed into site-packages: a
+    venv inside some other checkout must not lend that checkout's commit)."""
+    if cwd is None:
+        package = _package_dir()
+        try:
+            subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=package,
+                           capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        cwd = package
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
@@ -85,8 +116,12 @@ class _Handle(abc.ABC):
     """Shared API of live and no-op run handles."""
 
     run_id: str | None = None
+    _previous_sigterm: Any = None
 
     def __enter__(self) -> "_Handle":
+        # SIGTERM would end the process without unwinding: the run would stay RUNNING for good.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         return self
 
     def __exit__(
@@ -95,17 +130,29 @@ class _Handle(abc.ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         if exc_type is None:
             self.end("FINISHED")
             return
+        status = "KILLED" if issubclass(exc_type, (Terminated, KeyboardInterrupt)) else "FAILED"
         try:
-            self.end("FAILED")
+            self.end(status)
         except TrackingError as end_exc:  # never mask the exception that is already propagating
-            warnings.warn(f"could not mark run FAILED: {end_exc}", TrackingWarning, stacklevel=2)
+            warnings.warn(f"could not mark run {status}: {end_exc}", TrackingWarning, stacklevel=2)
 
     @abc.abstractmethod
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run with `status` (FINISHED or FAILED)."""
+        """Close the run with `status` (FINISHED, FAILED or KILLED)."""
+
+    @abc.abstractmethod
+    def sync_history(self, history: list[Mapping[str, Any]], keys: tuple[str, ...], step_key: str) -> int:
+        """Log the entries of `history` whose step is not logged yet; returns how many values it logged."""
+
+    @abc.abstractmethod
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """Record a dataset this run used (the UI's Dataset column)."""
 
 
 class NoOpRun(_Handle):
@@ -126,6 +173,12 @@ class NoOpRun(_Handle):
         pass
 
     def end(self, status: str = "FINISHED") -> None:
+        pass
+
+    def sync_history(self, history: list[Mapping[str, Any]], keys: tuple[str, ...], step_key: str) -> int:
+        return 0
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
         pass
 
 
@@ -192,6 +245,49 @@ class RunHandle(_Handle):
             raise FileNotFoundError(f"artifact {local} does not exist")
         client = self._tracker.client
         self._call(lambda: client.log_artifact(self.run_id, str(local), artifact_path), "log_artifact")
+
+    def sync_history(self, history: list[Mapping[str, Any]], keys: tuple[str, ...], step_key: str) -> int:
+        """Make the run's metrics a view of `history` (one dict per step, e.g. history.json): every
+        (key, step) not yet in the store is logged, none twice. So a kill between a checkpoint and its
+        metrics, or a store outage, is repaired by the next sync, and a replay changes nothing."""
+        if not self.active:
+            return 0
+        from mlflow.entities import Metric
+
+        client = self._tracker.client
+        logged: dict[str, set[int]] = {}
+        for key in keys:
+            found = self._call(lambda: client.get_metric_history(self.run_id, key), "read metric history")
+            if found is None:  # store gone under on_error: warn
+                return 0
+            logged[key] = {m.step for m in found}
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(key, float(entry[key]), timestamp, int(entry[step_key]))
+                   for entry in history for key in keys
+                   if key in entry and int(entry[step_key]) not in logged[key]]
+        for start in range(0, len(entries), _BATCH_METRICS):
+            chunk = entries[start:start + _BATCH_METRICS]
+            self._call(lambda: client.log_batch(self.run_id, metrics=chunk), "log_metrics")
+        return len(entries)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """A dataset input: `name`, `digest` (e.g. the index's data hash), `source` (its path). MLflow
+        keeps digests of at most 36 characters: the first 16 are the digest, the whole one an input tag."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        if not self.active:
+            return
+        short = digest[:16]
+        client = self._tracker.client
+        existing = self._call(lambda: client.get_run(self.run_id).inputs.dataset_inputs, "read inputs") or []
+        if any(d.dataset.name == name and d.dataset.digest == short for d in existing):
+            return  # logged by an earlier attempt of this run
+        dataset = Dataset(name=name, digest=short, source_type="local", source=json.dumps({"uri": source}))
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context),
+                                            InputTag("remamber.data_hash", digest)])
+        self._call(lambda: client.log_inputs(self.run_id, datasets=[entry]), "log_dataset")
 
     def end(self, status: str = "FINISHED") -> None:
         if status not in RUN_STATUSES:
@@ -262,7 +358,8 @@ class Tracker:
 
             def create() -> str | None:
                 try:
-                    return self.client.create_experiment(name, artifact_location=location)
+                    return self.client.create_experiment(name, artifact_location=location,
+                                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except MlflowException as exc:  # another process won the race (remote stores)
                     if exc.error_code == "RESOURCE_ALREADY_EXISTS":
                         return None
@@ -280,6 +377,9 @@ class Tracker:
             )
         else:
             experiment_id = experiment.experiment_id
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older version
+                self._retry(lambda: self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG,
+                                                                   EXPERIMENT_KIND), "tag experiment")
         self._experiment_ids[name] = experiment_id
         return experiment_id
 
@@ -316,11 +416,13 @@ class Tracker:
             self.client.log_batch(run_id, params=entries[start:start + _BATCH_PARAMS])
 
     def _source_tags(self) -> dict[str, str]:
+        # The runs table shows mlflow.source.name as "Source" and mlflow.source.git.commit as "Version".
+        tags = {"mlflow.source.name": "remamber", "mlflow.source.type": "LOCAL"}
         found = git_commit(self._source_dir)
         if found is None:
-            return {}
+            return tags
         commit, dirty = found
-        return {"mlflow.source.git.commit": commit, "remamber.git_dirty": str(dirty).lower()}
+        return {**tags, "mlflow.source.git.commit": commit, "remamber.git_dirty": str(dirty).lower()}
 
     def _get_or_create_run(
         self,
@@ -330,17 +432,25 @@ class Tracker:
         tags: dict[str, str],
         run_name: str,
         resume: bool,
+        fresh: bool = False,
     ) -> str:
         """Find the run tagged ``run_key`` or create it. A found run whose logged params conflict
         with ``params`` belongs to another configuration: it keeps its history but loses the key
-        (tagged ``remamber.superseded_run_key``) and a new run takes over."""
+        (tagged ``remamber.superseded_run_key``) and a new run takes over. ``fresh``: the caller starts
+        its history again (a training from scratch), so a found run that holds metrics is superseded
+        the same way."""
         from mlflow.entities import Param, RunTag
 
         run = self._find_run(experiment_id, run_key)
         if run is not None:
             old = run.data.params
             conflicts = sorted(k for k, v in params.items() if k in old and old[k] != v)
-            if conflicts:
+            if fresh and run.data.metrics and not conflicts:
+                run_id = run.info.run_id
+                self._retry(lambda: self.client.set_tag(run_id, SUPERSEDED_TAG, run_key), "supersede run")
+                self._retry(lambda: self.client.delete_tag(run_id, RUN_KEY_TAG), "supersede run")
+                run = None
+            elif conflicts:
                 run_id = run.info.run_id
                 warnings.warn(
                     f"run {run_id} ({RUN_KEY_TAG}={run_key!r}) was logged with different values of "
@@ -382,9 +492,12 @@ class Tracker:
         run_key: str,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
+        run_name: str | None = None,
+        fresh: bool = False,
     ) -> RunHandle | NoOpRun:
         """The run of one trained model (e.g. run_key ``refcoco/twister/256``) in ``experiment``,
-        created with ``params`` (flattened) and ``tags``, or the existing one with that key."""
+        created with ``params`` (flattened) and ``tags``, or the existing one with that key (unless
+        ``fresh`` and it holds metrics: see _get_or_create_run). ``run_name`` defaults to the key."""
         _check_run_key("run_key", run_key)
         flat = flatten_params(params or {})
         if not self.active:
@@ -393,7 +506,8 @@ class Tracker:
             with store_lock(self.uri):
                 experiment_id = self._experiment_id(experiment)
                 run_id = self._get_or_create_run(
-                    experiment_id, run_key, flat, _string_tags(tags), run_name=run_key, resume=True
+                    experiment_id, run_key, flat, _string_tags(tags), run_name=run_name or run_key,
+                    resume=True, fresh=fresh,
                 )
         except TrackingError as exc:
             self._disable(exc)
