@@ -178,3 +178,62 @@ def test_checkpoint_write_read_and_errors(tmp_path):
     # neither in the message nor in the exception chain a --debug traceback would print.
     assert "weights_only" not in str(refused.value) and "SimpleNamespace" in str(refused.value)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_frozen_text_encoder_stays_eval_without_grads_and_out_of_the_optimizer():
+    """train.freeze_text_encoder: the encoder's parameters get no gradient, it stays in eval mode (dropout
+    off) when the model is switched to training, builds no autograd graph, and AdamW never sees it."""
+    from remamber.models import build_model, variant_config
+
+    torch.manual_seed(0)
+    model = build_model(variant_config("twister", backbone="vmamba_tiny_test", text_encoder="tiny-random-bert",
+                                       max_text_len=12, local_dim=32, channel_scan_width=32,
+                                       channel_scan_grid=4))
+    encoder = model.text_encoder
+    assert encoder.model.config.hidden_dropout_prob > 0  # dropout exists, so eval mode matters
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.freeze()
+    model.train()
+    assert model.training and model.backbone.training
+    assert not any(m.training for m in encoder.modules())
+    assert not any(p.requires_grad for p in encoder.parameters())
+    ids, mask = model.tokenize(["the red ball on the left", "a cat"])
+    tokens, pooled = encoder(ids, mask)
+    assert tokens.grad_fn is None and pooled.grad_fn is None
+    again, _ = encoder(ids, mask)
+    assert torch.equal(tokens, again)  # no dropout: the same sentence gives the same features
+    groups = optimizer_groups(model, _train_cfg(), pretrained_backbone=False)
+    assert not any(g["name"].startswith("text_encoder") for g in groups)
+    in_optimizer = {id(p) for g in groups for p in g["params"]}
+    assert in_optimizer == {id(p) for n, p in model.named_parameters() if not n.startswith("text_encoder.")}
+    # One optimizer step on a real loss leaves the encoder's weights bit-identical.
+    opt = torch.optim.AdamW(groups)
+    logits = model(torch.randn(2, 3, 32, 32), ids, mask)
+    logits.mean().backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_device_resolution_fills_in_the_cuda_index(monkeypatch):
+    """Issue 12 item 8: `--device cuda` (no index) is this process's GPU: the current CUDA device, or
+    LOCAL_RANK under torchrun. Checked without a GPU by standing in for torch.cuda."""
+    from remamber.engine.distributed import DistInfo, resolve_device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made_current.append(d))
+    single, ddp = DistInfo(0, 1, 0), DistInfo(1, 4, 3)
+    assert resolve_device("cuda", single) == torch.device("cuda", 2)
+    assert resolve_device(None, single) == torch.device("cuda", 2)
+    assert resolve_device("cuda", ddp) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1", ddp) == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", i) for i in (2, 2, 3, 1)]
+    assert all(d.index is not None for d in made_current)
+    assert resolve_device("cpu", single) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None, single) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available here"):
+        resolve_device("cuda", single)
+    with pytest.raises(ValueError, match="--device 'gpu0': not a device name"):
+        resolve_device("gpu0", single)

@@ -176,3 +176,151 @@ def test_ddp_two_processes_match_one(tmp_path, data_dirs):
     # BatchNorm running statistics are per process in DDP (rank 0's are saved), so only parameters are
     # compared; the decoder does hold BatchNorm layers, which makes that caveat real.
     assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_nan_in_the_first_epoch_names_no_checkpoint(tmp_path, data_dirs, monkeypatch):
+    """Issue 12 item 14: before any epoch finished there is no last.pt: the error must not name one."""
+    cfg = _write_config(tmp_path / "cfg.yaml", data_dirs, ema_decay=None)
+    real_loss = train_module.dice_bce_loss
+    monkeypatch.setattr(train_module, "dice_bce_loss", lambda lg, t: real_loss(lg, t) * float("nan"))
+    out = tmp_path / "run"
+    with pytest.raises(train_module.NonFiniteLossError, match="epoch 1, step 1") as err:
+        train_module.train(cfg, "refcoco", "twister", RES, out)
+    assert "No checkpoint was written" in str(err.value) and "last.pt" not in str(err.value)
+    assert not (out / "last.pt").exists()
+
+
+def _tracked_config(path, data_dirs, uri, **train_overrides) -> ExperimentConfig:
+    raw = _config_dict(*data_dirs, **train_overrides)
+    raw["tracking"] = {"enabled": True, "uri": uri, "on_error": "fail"}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return ExperimentConfig.from_yaml(path)
+
+
+def _runs(uri, run_name="enginetest/refcoco/twister/32"):
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("table1")
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL,
+                              filter_string=f"tags.`mlflow.runName` = '{run_name}'")
+    return client, runs
+
+
+@pytest.mark.slow
+def test_frozen_text_encoder_checkpoints_resume_exactly_and_mlflow_replays(tmp_path, data_dirs, monkeypatch):
+    """Issue 10 item 3 + issue 12 item 10. With train.freeze_text_encoder the checkpoints hold no text
+    encoder weights (a name + hash instead), best.pt only the validated weights; a run killed after its
+    epoch-1 checkpoint but before MLflow got the epoch's metrics resumes bit-identically, and the resumed run
+    replays the missing epoch from history.json (each epoch logged once)."""
+    from remamber.engine.checkpoint import state_sha256
+    from remamber.models.text import build_text_encoder
+    from remamber.tracking.tracker import RunHandle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _write_config(tmp_path / "cfg.yaml", data_dirs, freeze_text_encoder=True)
+    tracked = _tracked_config(tmp_path / "tracked.yaml", data_dirs, uri, freeze_text_encoder=True)
+    assert tracked.config_hash() != cfg.config_hash()  # tracking.uri is part of the config
+    straight = tmp_path / "straight"
+    train_module.train(tracked, "refcoco", "twister", RES, straight)
+    killed = tmp_path / "killed"
+    real_sync = RunHandle.sync_history
+    with monkeypatch.context() as m:
+        def die_before_logging(self, history, keys, step_key):
+            if history:  # the end-of-epoch sync, after last.pt and history.json were written
+                raise _Killed()
+            return real_sync(self, history, keys, step_key)
+        m.setattr(RunHandle, "sync_history", die_before_logging)
+        with pytest.raises(_Killed):
+            train_module.train(tracked, "refcoco", "twister", RES, killed)
+    assert read_checkpoint(killed / "last.pt")["meta"]["epoch"] == 1
+    train_module.train(tracked, "refcoco", "twister", RES, killed, resume=True)
+
+    a, b = read_checkpoint(straight / "last.pt"), read_checkpoint(killed / "last.pt")
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert not [k for k in a[part] if k.startswith("text_encoder.")]  # referenced, not copied
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part} {key} differs after resume"
+    fresh_encoder = build_text_encoder("tiny-random-bert", max_text_len=12)
+    ref = a["meta"]["frozen"]["text_encoder"]
+    assert (ref["name"], ref["prefix"], ref["tensors"]) == \
+        ("tiny-random-bert", "text_encoder.", len(fresh_encoder.state_dict()))
+    assert ref["sha256"] == state_sha256(fresh_encoder.state_dict())
+    # best.pt: the validated (EMA) weights, nothing to resume from.
+    best = read_checkpoint(straight / "best.pt")
+    assert best["ema"] is None and best["training"] is None and best["meta"]["model_weights"] == "ema"
+    if best["meta"]["epoch"] == 2:
+        assert all(torch.equal(best["model"][k], a["ema"][k]) for k in a["ema"])
+    model, meta = load_model(straight / "best.pt")
+    assert meta["weights"] == "ema"
+    # The rebuilt encoder is the pretrained one, bit for bit (it was never trained).
+    assert all(torch.equal(v, fresh_encoder.state_dict()[k]) for k, v in model.text_encoder.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"best\.pt: holds the EMA weights only"):
+        load_model(straight / "best.pt", weights="raw")
+    n_trained = sum(v.numel() * v.element_size() for v in best["model"].values())
+    n_encoder = sum(v.numel() * v.element_size() for v in fresh_encoder.state_dict().values())
+    assert (straight / "best.pt").stat().st_size < n_trained + n_encoder / 2
+
+    # MLflow: one run per output folder; the killed one replayed epoch 1 on resume, each epoch once.
+    history = json.loads((killed / "history.json").read_text())
+    client, runs = _runs(uri)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    killed_run = next(r for r in runs if r.data.tags["remamber.run_key"].endswith(
+        train_module.out_dir_id(killed)))
+    for key in train_module.TRACKED_KEYS:
+        logged = [(m.step, m.value) for m in client.get_metric_history(killed_run.info.run_id, key)]
+        assert sorted(logged) == [(h["epoch"], h[key]) for h in history], key
+
+    # Weights of the referenced encoder that differ from the recorded hash are refused, at load and resume.
+    import remamber.models.remamber as remamber_module
+
+    real_build = remamber_module.build_text_encoder
+
+    def other_weights(*args, **kwargs):
+        encoder = real_build(*args, **kwargs)
+        with torch.no_grad():
+            next(encoder.parameters()).add_(1e-3)
+        return encoder
+
+    monkeypatch.setattr(remamber_module, "build_text_encoder", other_weights)
+    with pytest.raises(CheckpointError, match=r"best\.pt: refused: its frozen text_encoder 'tiny-random-bert' "
+                                              r".*differ: sha256"):
+        load_model(straight / "best.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt: refused: its frozen text_encoder"):
+        train_module.train(tracked, "refcoco", "twister", RES, killed, resume=True)
+
+
+def test_finished_training_is_not_overwritten_without_flag(tmp_path, data_dirs):
+    """Issue 12 items 10 and 14: a second training into a folder that holds one is refused unless --resume or
+    --overwrite; --overwrite starts a new MLflow run (the old one keeps its history, superseded) instead of
+    doubling its steps; another folder gets its own run; stale temporaries of dead writers are removed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _tracked_config(tmp_path / "cfg.yaml", data_dirs, uri, epochs=1, ema_decay=None,
+                          freeze_text_encoder=True)
+    out = tmp_path / "a"
+    train_module.train(cfg, "refcoco", "twister", RES, out)
+    before = (out / "best.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"a: already holds a training \(last\.pt, best\.pt, history\.json\);"
+                                              r" pass --resume to continue it or --overwrite"):
+        train_module.train(cfg, "refcoco", "twister", RES, out)
+    assert (out / "best.pt").read_bytes() == before
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = out / f".last.pt.tmp-{dead}"
+    live = out / f".best.pt.tmp-{os.getppid()}"  # a writer that still runs is left alone
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    train_module.train(cfg, "refcoco", "twister", RES, out, overwrite=True)
+    assert not stale.exists() and live.exists()
+    train_module.train(cfg, "refcoco", "twister", RES, tmp_path / "b")
+
+    client, runs = _runs(uri)
+    assert len(runs) == 3
+    superseded = [r for r in runs if "remamber.superseded_run_key" in r.data.tags]
+    assert len(superseded) == 1 and "remamber.run_key" not in superseded[0].data.tags
+    for run in runs:  # every run: epoch 1 once
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+    keys = {r.data.tags.get("remamber.run_key") for r in runs} - {None}
+    assert keys == {f"enginetest/refcoco/twister/{RES}@{train_module.out_dir_id(p)}" for p in (out, tmp_path / "b")}
