@@ -295,3 +295,116 @@ def test_retries_on_lock_then_gives_up_with_uri() -> None:
     with pytest.raises(TrackingError, match="no such table"):
         with_retries(broken, "log", "sqlite:///x.db", base_delay_s=0.001)
     assert len(calls) == 1  # only lock contention is retried
+
+
+# ---- history replay, signals, provenance, UI conventions (issue 12 items 10, 11, 15) ----
+
+
+def test_sync_history_logs_each_step_once(store: str) -> None:
+    """MLflow as a replayable view of history.json: a sync logs exactly the (metric, step) pairs the store
+    lacks, so a replay after a kill or an outage neither loses nor doubles an epoch."""
+    history = [{"epoch": 1, "loss": 0.9, "val_mIoU": 10.0}, {"epoch": 2, "loss": 0.5, "val_mIoU": 20.0},
+               {"epoch": 3, "loss": 0.25, "val_mIoU": 30.0}]
+    tracker = Tracker(TrackingConfig(uri=store))
+    with tracker.training_run("table1", "refcoco/twister/64", CONFIG) as run:
+        assert run.sync_history(history[:1], ("loss", "val_mIoU"), "epoch") == 2
+        run.log_metrics({"loss": 0.5}, step=2)  # e.g. logged before a kill, val_mIoU of epoch 2 was not
+    again = Tracker(TrackingConfig(uri=store)).training_run("table1", "refcoco/twister/64", CONFIG)
+    assert again.run_id == run.run_id
+    assert again.sync_history(history, ("loss", "val_mIoU"), "epoch") == 3  # val 2, loss 3, val 3
+    assert again.sync_history(history, ("loss", "val_mIoU"), "epoch") == 0
+    again.end()
+    client = MlflowClient(store)
+    for key in ("loss", "val_mIoU"):
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, key))
+        assert logged == [(h["epoch"], h[key]) for h in history]
+
+
+def test_fresh_training_supersedes_a_run_with_metrics(store: str) -> None:
+    tracker = Tracker(TrackingConfig(uri=store))
+    empty = tracker.training_run("table1", "k@1", CONFIG, fresh=True)
+    empty.end()
+    assert tracker.training_run("table1", "k@1", CONFIG, fresh=True).run_id == empty.run_id  # nothing to lose
+    with tracker.training_run("table1", "k@1", CONFIG) as old:
+        old.log_metrics({"loss": 1.0}, step=1)
+    new = tracker.training_run("table1", "k@1", CONFIG, run_name="k", fresh=True)
+    new.end()
+    client = MlflowClient(store)
+    assert new.run_id != old.run_id
+    assert client.get_run(old.run_id).data.tags["remamber.superseded_run_key"] == "k@1"
+    assert client.get_run(new.run_id).data.tags["mlflow.runName"] == "k"
+    assert client.get_metric_history(new.run_id, "loss") == []
+
+
+_SIGTERM_SCRIPT = """
+import os, signal, sys
+from remamber.tracking import Tracker, TrackingConfig
+run = Tracker(TrackingConfig(uri=sys.argv[1])).training_run("table1", "refcoco/twister/64", {})
+print(run.run_id, flush=True)
+with run:
+    os.kill(os.getpid(), signal.SIGTERM)
+    import time; time.sleep(30)
+"""
+
+
+def test_sigterm_ends_the_run_killed(store: str) -> None:
+    """What Slurm and Snakemake send: the run ends KILLED (not RUNNING for good), the exit status is
+    128 + 15 as for an unhandled SIGTERM."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_SCRIPT, store], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    run_id = proc.stdout.split()[0]
+    assert MlflowClient(store).get_run(run_id).info.status == "KILLED"
+
+
+def test_git_commit_is_the_package_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit of the code that ran: the checkout remamber was loaded from, whatever the cwd (a
+    folder outside git, or another repository)."""
+    import subprocess
+
+    import remamber
+    from remamber.tracking import git_commit
+
+    package = Path(remamber.__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("remamber is not loaded from a git checkout here")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    found = git_commit()
+    assert found is not None and found[0] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True).stdout.strip()
+    other = tmp_path / "other-repo"
+    other.mkdir()
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@e", "PATH": __import__("os").environ["PATH"]}
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(cmd, cwd=other, env=env, check=True, capture_output=True)
+    other_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=other, capture_output=True,
+                                text=True).stdout.strip()
+    monkeypatch.chdir(other)
+    assert git_commit()[0] != other_head
+    assert git_commit(other)[0] == other_head  # an explicit folder is still honoured
+
+
+def test_experiments_are_model_training_experiments(store: str) -> None:
+    """The MLflow 3 UI opens an experiment without a kind in the GenAI view ("Traces: 0"); ours are marked
+    model training, also when the experiment was created by an older version."""
+    client = MlflowClient(store)
+    old_id = client.create_experiment("table4")  # as an older version left it: no kind tag
+    tracker = Tracker(TrackingConfig(uri=store))
+    with tracker.training_run("table1", "refcoco/twister/64", CONFIG) as run:
+        run.log_dataset("refcoco", "ab" * 32, "data/processed/refcoco", "train")
+        run.log_dataset("refcoco", "ab" * 32, "data/processed/refcoco", "train")  # a replay adds nothing
+    tracker.training_run("table4", "refcoco/twister/64", CONFIG).end()
+    for name in ("table1", "table4"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(old_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    [dataset_input] = client.get_run(run.run_id).inputs.dataset_inputs
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("refcoco", "ab" * 8)
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["mlflow.source.name"] == "remamber" and tags["mlflow.source.type"] == "LOCAL"
