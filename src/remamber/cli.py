@@ -24,6 +24,18 @@ class CLIError(RemamberError):
     """A user-facing error of the command line itself: printed as one line, exit status 2."""
 
 
+def _user_message(exc: BaseException) -> str:
+    """The message of `exc`; for an error raised in a DataLoader worker, torch re-raises it with the worker's
+    traceback folded into the message: keep only the original message (--debug shows the rest)."""
+    text = str(exc)
+    if "\nOriginal Traceback (most recent call last):\n" in text:
+        prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        at = text.rfind("\n" + prefix)
+        if at >= 0:
+            return text[at + 1 + len(prefix):].rstrip() + " (in a data-loading worker)"
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -232,15 +244,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def _load_records(paths: list[Path]) -> list[dict]:
-    records = []
-    for path in paths:
-        try:
-            data = json.loads(Path(path).read_text())
-            # a file holds one record, or the list of one model's (or one baseline job's) splits
-            records.extend(data if isinstance(data, list) else [data])
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CLIError(f"{path}: not a readable metrics JSON ({exc})") from exc
-    return records
+    from remamber.formats import read_metrics_records
+
+    return read_metrics_records(paths)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -450,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         # message written for the user; a traceback would bury it. Anything else is a bug: traceback.
         if debug:
             traceback.print_exc()
-        print(f"remamber: error: {exc}", file=sys.stderr)
+        print(f"remamber: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

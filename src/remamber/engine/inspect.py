@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from remamber.engine.checkpoint import load_model
 from remamber.fileio import temp_file_beside
+from remamber.formats import load_inspection  # noqa: F401  (the dump's reader lives with the format)
 
 CUBE_KEYS = ("cube", "cube_after_channel", "cube_after_spatial")
 MAP_KEYS = ("interaction_maps", "attention_maps")
@@ -154,13 +155,3 @@ def dump_inspection(
     return out_npz
 
 
-def load_inspection(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a dump back (never unpickles: ``allow_pickle=False``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: inspection file not found (run `remamber inspect`)")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable inspection .npz ({exc})") from exc

@@ -18,6 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from remamber.reports._io import write_with
+from remamber.formats import load_inspection
 from remamber.vocabulary import variant_label
 
 DPI = 100
@@ -31,8 +32,6 @@ IMAGE_COLOUR, TEXT_COLOUR, MIXED_COLOUR, TARGET_COLOUR = "tab:red", "tab:blue", 
 
 
 def _load(path: str | Path) -> dict[str, np.ndarray]:
-    from remamber.engine.inspect import load_inspection
-
     return load_inspection(path)
 
 
