@@ -243,3 +243,21 @@ def test_decoded_cache_gives_the_same_items(tiny):
             assert a.keys() == b.keys() and a["text"] == b["text"] and a["sent_id"] == b["sent_id"]
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert len(cached._decoded) == len(cached)
+
+
+def test_worker_errors_reach_the_cli_as_the_original_message(tiny, tmp_path):
+    """torch folds a worker's traceback into the message it re-raises; the CLI keeps the original line."""
+    from remamber.cli import _user_message
+
+    idx, raw = tiny
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    ds = RefSegDataset(idx, "val", "eval", R, copy)
+    victim = copy / ds[0]["image_path"]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(ImageFileError) as info:
+        list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_batch))
+    assert "Original Traceback" in str(info.value)
+    message = _user_message(info.value)
+    assert message.startswith(f"{victim}: image of ref_id ") and message.endswith("(in a data-loading worker)")
+    assert "\n" not in message and "Traceback" not in message
