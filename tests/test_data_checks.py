@@ -113,3 +113,21 @@ def test_training_reports_sentences_cut_at_max_text_len(data, tmp_path, caplog):
     assert main(["predict", "--checkpoint", str(tmp_path / "out" / "best.pt"), "--image", str(own),
                  "--text", "the red one", "--out", str(tmp_path / "o.png")]) == 2
     assert not (tmp_path / "o.png").exists()
+
+
+def test_multi_split_evaluation_checks_every_split_before_scoring_any(data, tmp_path, monkeypatch, capsys):
+    from remamber.cli import main
+    from remamber.engine import evaluate as evaluate_module
+
+    raw, processed = data
+    copy = tmp_path / "raw"
+    shutil.copytree(raw, copy)
+    used = set(pd.read_parquet(processed / "refcoco" / "val.parquet").image_path)
+    victim = sorted(set(pd.read_parquet(processed / "refcoco" / "testB.parquet").image_path) - used)[0]
+    (copy / victim).unlink()
+    scored = []
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: scored.append(a[1]))
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--split", "val", "testB",
+               "--index-dir", str(processed / "refcoco"), "--data-root", str(copy), "--out", str(tmp_path / "m.json")])
+    assert rc == 2 and scored == []  # val was not scored only to fail on testB
+    assert f"(testB: 1), e.g. {copy / victim}" in capsys.readouterr().err

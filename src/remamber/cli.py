@@ -189,6 +189,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         return
     if len(set(args.split)) != len(args.split):
         raise CLIError(f"--split lists a split twice: {args.split}")
+    if args.index_dir is not None and args.data_root is not None:  # (else each split checks its own)
+        from remamber.data.checks import check_images
+
+        check_images(args.index_dir, args.split, args.data_root)  # a missing testB image: before val is scored
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as tmp:
         records = [run(split, Path(tmp) / f"{split}.json") for split in args.split]
