@@ -37,7 +37,13 @@ def _writers():
         (d / "m" / "f").write_bytes(b"1")
         return write_manifest(d / "m")
 
+    def synthetic(d: Path) -> Path:
+        from remamber.data.synth import write_synthetic
+        write_synthetic(d / "raw", seed=0, size="tiny", progress=False)
+        return d / "raw" / "refcoco" / "instances.json"
+
     return {
+        "synthetic data (images, pickles, instances)": synthetic,
         "data atomic_write_json (meta.json, markers)": lambda d: (atomic_write_json(d / "meta.json", {"a": 1}),
                                                                  d / "meta.json")[1],
         "data atomic_write_bytes (indices, images)": lambda d: (atomic_write_bytes(d / "x.parquet", b"1"),
@@ -67,8 +73,10 @@ def test_atomic_writers_honour_the_umask(tmp_path, umask):
             folder = tmp_path / f"w{i}"
             folder.mkdir()
             path = write(folder)
-            if _mode(path) != 0o666 & ~umask:
-                wrong[name] = oct(_mode(path))
+            assert path.is_file(), name
+            for f in [p for p in folder.rglob("*") if p.is_file()]:  # every file it wrote, not just one
+                if _mode(f) != 0o666 & ~umask:
+                    wrong[f"{name}: {f.relative_to(folder)}"] = oct(_mode(f))
             leftovers = [p.name for p in folder.rglob(".*") if p.is_file() and not p.name.endswith(".extracted")]
             assert not leftovers, f"{name} left {leftovers}"
         assert not wrong, f"expected {oct(0o666 & ~umask)} under umask {oct(umask)}, got {wrong}"
