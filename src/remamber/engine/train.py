@@ -314,9 +314,10 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                 best_miou = max(best_miou, val["mIoU"])
                 meta = {**meta_base, "epoch": epoch + 1, "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"]}
                 ema_state = ema.state_dict() if ema is not None else None
+                validated_ema = ema is not None and tc.ema_select == "ema"
                 if improved:  # the validated weights only: what evaluation and prediction load
-                    save_checkpoint(best_path, model, meta, model_state=ema_state,
-                                    model_weights="ema" if ema is not None else "raw", frozen=frozen)
+                    save_checkpoint(best_path, model, meta, model_state=ema_state if validated_ema else None,
+                                    model_weights="ema" if validated_ema else "raw", frozen=frozen)
                 save_checkpoint(last_path, model, meta, ema_state=ema_state, frozen=frozen, training={
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_states, "history": history,
