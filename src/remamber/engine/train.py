@@ -204,7 +204,11 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         training = state["training"]
         if training is None:
             raise CheckpointError(f"{last_path}: holds no training state, cannot resume from it")
-        optimizer.load_state_dict(training["optimizer"])
+        if training["optimizer"] is not None:
+            optimizer.load_state_dict(training["optimizer"])
+        elif int(state["meta"]["epoch"]) < tc.epochs:
+            raise CheckpointError(f"{last_path}: holds no optimizer state but only epoch "
+                                  f"{state['meta']['epoch']} of {tc.epochs} finished; cannot resume from it")
         schedule.load_state_dict(training["schedule"])
         scaler.load_state_dict(training["scaler"])
         if ema is not None:
@@ -319,7 +323,10 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
                     save_checkpoint(best_path, model, meta, model_state=ema_state if validated_ema else None,
                                     model_weights="ema" if validated_ema else "raw", frozen=frozen)
                 save_checkpoint(last_path, model, meta, ema_state=ema_state, frozen=frozen, training={
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    # After the last epoch nothing resumes from the optimizer's moments (twice the weights):
+                    # they are dropped, a finished last.pt keeps the weights and the history.
+                    "optimizer": optimizer.state_dict() if epoch + 1 < tc.epochs else None,
+                    "schedule": schedule.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_states, "history": history,
                     "best_val_mIoU": best_miou,
                     "data_order": {"seed": tc.seed, "next_epoch": epoch + 1, "world_size": info.world_size},
