@@ -71,3 +71,33 @@ def test_ema_select_decides_which_weights_a_checkpoint_gives_by_default(tmp_path
     assert info["weights"] == want
     ema_loaded, _ = load_model(path, weights="ema")  # asked for explicitly, the EMA is there either way
     assert torch.equal(ema_loaded.state_dict()[key], model.state_dict()[key] + 1.0)
+
+
+def test_ema_select_raw_trains_with_an_ema_but_validates_and_keeps_the_raw_model(tmp_path):
+    """The authors' recipe: EMA updated every step, best epoch chosen by the raw model, best.pt = raw."""
+    import yaml
+    from test_engine_train import _config_dict
+
+    from remamber.data.datasets import RefSegDataset, collate_batch
+    from remamber.data.preprocess import preprocess
+    from remamber.data.synth import write_synthetic
+    from remamber.engine.checkpoint import read_checkpoint
+    from remamber.engine.evaluate import score_loader
+    from remamber.engine.train import train
+
+    write_synthetic(tmp_path / "raw", seed=0, size="tiny", progress=False)
+    preprocess(tmp_path / "raw", "refcoco", tmp_path / "processed" / "refcoco", progress=False)
+    raw_cfg = _config_dict(tmp_path / "raw", tmp_path / "processed", epochs=1, ema_decay=0.5, ema_select="raw")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw_cfg, sort_keys=False))
+    out = train(tmp_path / "cfg.yaml", "refcoco", "twister", 32, tmp_path / "run")
+    last, best = read_checkpoint(out["last"]), read_checkpoint(out["best"])
+    assert last["ema"] is not None  # the EMA was kept ...
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    assert best["meta"]["model_weights"] == "raw"  # ... but best.pt holds the raw weights
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])
+    # and the recorded validation score is the raw model's
+    model, _ = load_model(out["best"])
+    val = RefSegDataset(tmp_path / "processed" / "refcoco", "val", "eval", 32, tmp_path / "raw", seed=0)
+    loader = torch.utils.data.DataLoader(val, batch_size=4, shuffle=False, collate_fn=collate_batch)
+    scores = score_loader(model, loader, "original", torch.device("cpu")).result()
+    assert scores["mIoU"] == pytest.approx(out["best_val_mIoU"], abs=1e-9)
