@@ -150,7 +150,8 @@ def test_evaluate_testB_writes_contract_metrics_and_nested_run(trained, tmp_path
         f"evaltest/refcoco/twister/32@{out_dir_id(trained['root'] / 'model')}"
     # The UI: a model-training experiment; Source and Version columns; the Dataset column.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert parent.data.tags["mlflow.source.name"] == "remamber"
+    assert parent.data.tags["mlflow.source.name"].startswith(
+        f"remamber@{parent.data.tags['mlflow.source.git.commit'][:10]}")
     # (HEAD may move while the suite runs: other commits land; the commit's origin is tested in tracking.)
     assert re.fullmatch(r"[0-9a-f]{40}", parent.data.tags["mlflow.source.git.commit"])
     [train_input] = parent.inputs.dataset_inputs

@@ -407,4 +407,7 @@ def test_experiments_are_model_training_experiments(store: str) -> None:
     [dataset_input] = client.get_run(run.run_id).inputs.dataset_inputs
     assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("refcoco", "ab" * 8)
     tags = client.get_run(run.run_id).data.tags
-    assert tags["mlflow.source.name"] == "remamber" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    commit = tags.get("mlflow.source.git.commit")  # absent only outside a git checkout
+    assert tags["mlflow.source.name"] == ("remamber" if commit is None else
+                                          f"remamber@{commit[:10]}" + ("+dirty" if tags["remamber.git_dirty"] == "true" else ""))

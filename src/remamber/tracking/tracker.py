@@ -416,13 +416,15 @@ class Tracker:
             self.client.log_batch(run_id, params=entries[start:start + _BATCH_PARAMS])
 
     def _source_tags(self) -> dict[str, str]:
-        # The runs table shows mlflow.source.name as "Source" and mlflow.source.git.commit as "Version".
+        # The runs table shows mlflow.source.name as "Source" (so the commit goes there too) and
+        # mlflow.source.git.commit as "Version" (a column hidden by default).
         tags = {"mlflow.source.name": "remamber", "mlflow.source.type": "LOCAL"}
         found = git_commit(self._source_dir)
         if found is None:
             return tags
         commit, dirty = found
-        return {**tags, "mlflow.source.git.commit": commit, "remamber.git_dirty": str(dirty).lower()}
+        return {**tags, "mlflow.source.name": f"remamber@{commit[:10]}{'+dirty' if dirty else ''}",
+                "mlflow.source.git.commit": commit, "remamber.git_dirty": str(dirty).lower()}
 
     def _get_or_create_run(
         self,
