@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from remamber.models.layers import DropPath, LayerNorm2d, Linear2d, Mlp2d
-from remamber.models.ssm import add_ssm_parameters, directional_scan, resolve_dt_rank
-from remamber.ops import cross_merge, cross_scan
+from remamber.models.ssm import add_ssm_parameters, resolve_dt_rank, scan_in_orders
+from remamber.ops import cross_scan_orders
 
 __all__ = ["SS2D", "VSSBlock"]
 
@@ -61,9 +61,9 @@ class SS2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.project_in(x)
         b, d, h, w = u.shape
-        ys = directional_scan(self, cross_scan(u)).float()  # (B, 4, D, H*W); summed in fp32, as VMamba
-        y = cross_merge(ys, h, w).reshape(b, d, h, w)
-        return self.project_out(y)
+        # the four cross-scan directions, summed in fp32 (as VMamba), re-ordered inside the scan kernel
+        y = scan_in_orders(self, u.reshape(b, d, h * w), cross_scan_orders(h, w, u.device))
+        return self.project_out(y.reshape(b, d, h, w))
 
 
 class VSSBlock(nn.Module):

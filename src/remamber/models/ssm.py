@@ -10,9 +10,9 @@ import math
 import torch
 from torch import nn
 
-from remamber.ops import selective_scan
+from remamber.ops import directional_selective_scan, selective_scan
 
-__all__ = ["add_ssm_parameters", "directional_scan", "resolve_dt_rank"]
+__all__ = ["add_ssm_parameters", "directional_scan", "scan_in_orders", "resolve_dt_rank"]
 
 
 def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
@@ -79,3 +79,29 @@ def directional_scan(module: nn.Module, xs: torch.Tensor) -> torch.Tensor:
         delta_softplus=True,
     )
     return ys.reshape(b, k, d, length)
+
+
+def scan_in_orders(module: nn.Module, u: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """`directional_scan` of the K re-orderings u[..., orders[k]], un-permuted and summed, without the copies.
+
+    u: (B, D, L) in map order; orders: (K, L) (see `remamber.ops.cross_scan_orders`) -> (B, D, L) in
+    the compute dtype (fp32 for half inputs: the directions are summed in fp32, as VMamba does).
+    x_proj and dt_proj act on each position alone, so they are applied in map order and the re-ordering
+    happens inside the scan kernel (`remamber.ops.directional_selective_scan`).
+    """
+    b, d, length = u.shape
+    k = orders.shape[0]
+    dt_projs_weight: torch.Tensor = module.dt_projs_weight  # type: ignore[assignment]
+    n = module.A_logs.shape[1]  # type: ignore[union-attr]
+    r = dt_projs_weight.shape[2]
+    x_dbl = torch.einsum("bdl,kcd->bkcl", u, module.x_proj_weight)  # (B, K, R + 2N, L)
+    dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
+    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)  # (B, K, D, L)
+    return directional_selective_scan(
+        u, dts.reshape(b, k * d, length),
+        -torch.exp(module.A_logs.float()),  # type: ignore[union-attr]
+        bs.contiguous(), cs.contiguous(), orders,
+        D=module.Ds.float(),  # type: ignore[union-attr]
+        delta_bias=module.dt_projs_bias.reshape(-1).float(),  # type: ignore[union-attr]
+        delta_softplus=True,
+    )

@@ -32,8 +32,8 @@ from torch import nn
 from remamber.models.interaction import GlobalInteraction, LocalInteraction
 from remamber.models.layers import LayerNorm2d, Linear2d
 from remamber.models.ss2d import SS2D
-from remamber.models.ssm import add_ssm_parameters, directional_scan, resolve_dt_rank
-from remamber.ops import bidirectional_merge, bidirectional_scan
+from remamber.models.ssm import add_ssm_parameters, resolve_dt_rank, scan_in_orders
+from remamber.ops import scan_orders
 
 __all__ = ["SCAN_ORDERS", "INTERACTIONS", "ChannelScan", "TwistingLayer", "TwisterBlock", "TwisterStage"]
 
@@ -75,9 +75,9 @@ class ChannelScan(nn.Module):
         pooled = F.interpolate(cube, size=(g, g), mode="bilinear", align_corners=False)
         x, z = self.in_proj(pooled.reshape(b, s, g * g)).chunk(2, dim=-1)  # (B, S, width) each
         x = self.act(_depthwise_conv3(x.transpose(1, 2), self.conv2d.weight[:, :, 1]))  # (B, width, S)
-        xs = bidirectional_scan(x).repeat_interleave(2, dim=1)  # (B, 4, width, S): x, x, flip(x), flip(x)
-        ys = directional_scan(self, xs).float()  # the authors sum the four directions in fp32
-        y = bidirectional_merge(ys[:, 0::2] + ys[:, 1::2])  # (B, width, S)
+        # x, x, flip(x), flip(x), each scanned with its own parameters, un-flipped and summed in fp32 (as the
+        # authors); the flips happen inside the scan kernel's indexing
+        y = scan_in_orders(self, x, scan_orders("channel", 1, s, x.device))  # (B, width, S)
         y = self.out_norm(y.transpose(1, 2)).to(z.dtype) * self.act(z)  # (B, S, width)
         out = self.out_proj(y).reshape(b, s, g, g)
         return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)

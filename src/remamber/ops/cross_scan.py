@@ -6,9 +6,11 @@ All functions are differentiable through plain indexing and flips.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["cross_scan", "cross_merge", "bidirectional_scan", "bidirectional_merge"]
+__all__ = ["cross_scan", "cross_merge", "bidirectional_scan", "bidirectional_merge", "cross_scan_orders", "scan_orders"]
 
 
 def _require_dims(x: torch.Tensor, ndim: int, name: str, layout: str) -> None:
@@ -79,3 +81,30 @@ def bidirectional_merge(y: torch.Tensor) -> torch.Tensor:
     if y.shape[1] != 2:
         raise ValueError(f"bidirectional_merge y: expected 2 directions in dim 1 of (B, 2, C, L), got shape {tuple(y.shape)}")
     return y[:, 0] + y[:, 1].flip(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _orders_cpu(kind: str, height: int, width: int) -> torch.Tensor:
+    length = height * width
+    row = torch.arange(length)
+    if kind == "cross":  # the four orders of `cross_scan`
+        col = row.reshape(height, width).t().reshape(length)  # step w*H + h visits h*W + w
+        out = torch.stack([row, col, row.flip(0), col.flip(0)])
+    else:  # "channel": the Twister channel scan's x, x, flip(x), flip(x)
+        out = torch.stack([row, row, row.flip(0), row.flip(0)])
+    return out
+
+
+def cross_scan_orders(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(4, H*W) int64 map positions visited by the four directions of `cross_scan` (for
+    `directional_selective_scan`): row-major, column-major, and both reversed."""
+    return scan_orders("cross", height, width, device)
+
+
+def scan_orders(kind: str, height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Cached scan orders: "cross" (see `cross_scan_orders`) or "channel" (a sequence of H*W steps
+    scanned forward twice and reversed twice, the Twister's channel scan). Do not modify in place."""
+    if kind not in ("cross", "channel"):
+        raise ValueError(f"scan_orders: unknown kind {kind!r}; known: cross, channel")
+    out = _orders_cpu(kind, int(height), int(width))
+    return out if torch.device(device).type == "cpu" else out.to(device)

@@ -36,7 +36,7 @@ from numba.core.extending import intrinsic, overload
 
 from .scan_torch import compute_dtype
 
-__all__ = ["selective_scan_cpu", "CHUNK", "LANES"]
+__all__ = ["selective_scan_cpu", "directional_scan_cpu", "CHUNK", "LANES"]
 
 
 # ------------------------------------------------------------------ vectorisable transcendental functions
@@ -576,3 +576,324 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         out = out * F.silu(z.to(ct))
     out = out.to(dtype_in)
     return (out, last) if return_last_state else out
+
+
+# ------------------------------------------------------------------ directional scan (cross-scan fused)
+# The same recurrence as above for nd directions that all scan one input u in different orders
+# (VMamba's cross-scan, the Twister's channel scan). Instead of materialising nd re-ordered copies of
+# u, delta, B and C and un-permuting nd outputs, each chunk gathers its steps through `orders` into
+# the contiguous chunk buffers, runs the same vectorised math, and scatters (adds) its output back
+# to map order. Layout: u (batch, Du, L); delta (batch, nd*Du, L) and B, C (batch, nd, N, L) in map
+# order; channel k*Du + d is channel d of direction k; out (batch, Du, L) = sum over directions.
+
+
+@njit(inline="always", error_model="numpy")
+def _dir_gather(bi, k, d0, ch0, Rb, pos, T, u, delta, B, C, ubuf, xdbuf, bbuf, cbuf):
+    N = B.shape[2]
+    for r in range(Rb):
+        u_row = u[bi, d0 + r]
+        x_row = delta[bi, ch0 + r]
+        u_r = ubuf[r]
+        x_r = xdbuf[r]
+        for t in range(T):
+            p = pos[t]
+            u_r[t] = u_row[p]
+            x_r[t] = x_row[p]
+    for n in range(N):
+        b_row = B[bi, k, n]
+        c_row = C[bi, k, n]
+        b_n = bbuf[n]
+        c_n = cbuf[n]
+        for t in range(T):
+            p = pos[t]
+            b_n[t] = b_row[p]
+            c_n[t] = c_row[p]
+
+
+@njit(inline="always", error_model="numpy")
+def _dir_inputs(ch0, Rb, T, A, bias, softplus, need_sig, ubuf, xdbuf, bbuf, dtbuf, dtubuf, sgbuf, abuf, xbuf):
+    """`_block_inputs` on gathered chunk buffers (rows ch0.., steps 0..T-1)."""
+    N = A.shape[1]
+    for r in range(Rb):
+        bd = bias[ch0 + r]
+        u_r = ubuf[r]
+        x_r = xdbuf[r]
+        dt_r = dtbuf[r]
+        dtu_r = dtubuf[r]
+        if softplus and need_sig:
+            sg_r = sgbuf[r]
+            for t in range(T):
+                v, sg = vsoftplus_sigmoid(x_r[t] + bd)
+                dt_r[t] = v
+                dtu_r[t] = v * u_r[t]
+                sg_r[t] = sg
+        elif softplus:
+            for t in range(T):
+                v = vsoftplus(x_r[t] + bd)
+                dt_r[t] = v
+                dtu_r[t] = v * u_r[t]
+        else:
+            for t in range(T):
+                v = x_r[t] + bd
+                dt_r[t] = v
+                dtu_r[t] = v * u_r[t]
+        for n in range(N):
+            kk = r * N + n
+            an = A[ch0 + r, n]
+            a_k = abuf[kk]
+            x_k = xbuf[kk]
+            b_n = bbuf[n]
+            for t in range(T):
+                a_k[t] = vexp(dt_r[t] * an)
+                x_k[t] = dtu_r[t] * b_n[t]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _dscan_fwd(u, delta, A, B, C, D, bias, softplus, orders, K, R, out, ckpt):
+    """out (batch, Du, L) = sum over directions (map order); ckpt (batch, nd*Du, ceil(L/K), N)."""
+    batch, Du, L = u.shape
+    nd = orders.shape[0]
+    N = A.shape[1]
+    n_chunks = ckpt.shape[2]
+    blocks = -(-Du // R)
+    for job in prange(batch * blocks):
+        bi = job // blocks
+        d0 = (job % blocks) * R
+        Rb = min(R, Du - d0)
+        lanes = Rb * N
+        ubuf = np.empty((R, K), dtype=u.dtype)
+        xdbuf = np.empty((R, K), dtype=u.dtype)
+        bbuf = np.empty((N, K), dtype=u.dtype)
+        cbuf = np.empty((N, K), dtype=u.dtype)
+        dtbuf = np.empty((R, K), dtype=u.dtype)
+        dtubuf = np.empty((R, K), dtype=u.dtype)
+        abuf = np.empty((R * N, K), dtype=u.dtype)
+        xbuf = np.empty((R * N, K), dtype=u.dtype)
+        hbuf = np.zeros((R * N, K + 1), dtype=u.dtype)
+        ybuf = np.empty(K, dtype=u.dtype)
+        for k in range(nd):
+            ch0 = k * Du + d0
+            for kk in range(lanes):
+                hbuf[kk, 0] = 0.0
+            for c in range(n_chunks):
+                l0 = c * K
+                T = min(L, l0 + K) - l0
+                pos = orders[k, l0:l0 + T]
+                for r in range(Rb):
+                    for n in range(N):
+                        ckpt[bi, ch0 + r, c, n] = hbuf[r * N + n, 0]
+                _dir_gather(bi, k, d0, ch0, Rb, pos, T, u, delta, B, C, ubuf, xdbuf, bbuf, cbuf)
+                _dir_inputs(ch0, Rb, T, A, bias, softplus, False, ubuf, xdbuf, bbuf, dtbuf, dtubuf, dtbuf,
+                            abuf, xbuf)
+                _block_states(lanes, T, abuf, xbuf, hbuf)
+                for r in range(Rb):
+                    dd = D[ch0 + r]
+                    u_r = ubuf[r]
+                    for t in range(T):
+                        ybuf[t] = dd * u_r[t]
+                    for n in range(N):
+                        h_k = hbuf[r * N + n, 1:T + 1]
+                        c_n = cbuf[n]
+                        for t in range(T):
+                            ybuf[t] += h_k[t] * c_n[t]
+                    o_row = out[bi, d0 + r]
+                    if k == 0:
+                        for t in range(T):
+                            o_row[pos[t]] = ybuf[t]
+                    else:
+                        for t in range(T):
+                            o_row[pos[t]] += ybuf[t]
+                for kk in range(lanes):
+                    hbuf[kk, 0] = hbuf[kk, T]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _dscan_bwd(u, delta, A, B, C, D, bias, softplus, orders, K, R, ckpt, gout, slices,
+               du, ddelta, dA_part, dD_part, dB_buf, dC_buf):
+    """Reverse of `_dscan_fwd`. Work item (bi, s): channels d_lo..d_hi of every direction, so du
+    (zero-initialised, map order) is summed over directions without races. ddelta (batch, nd*Du, L) map
+    order; dA_part (batch, nd*Du, N), dD_part (batch, nd*Du); dB_buf, dC_buf (batch*slices, nd, N, L)
+    zero-initialised, one slot per item."""
+    batch, Du, L = u.shape
+    nd = orders.shape[0]
+    N = A.shape[1]
+    n_chunks = ckpt.shape[2]
+    for item_u in prange(batch * slices):
+        item = np.int64(item_u)
+        bi = item // slices
+        s = item % slices
+        d_lo = (s * Du) // slices
+        d_hi = ((s + 1) * Du) // slices
+        ubuf = np.empty((R, K), dtype=u.dtype)
+        xdbuf = np.empty((R, K), dtype=u.dtype)
+        bbuf = np.empty((N, K), dtype=u.dtype)
+        cbuf = np.empty((N, K), dtype=u.dtype)
+        dtbuf = np.empty((R, K), dtype=u.dtype)
+        dtubuf = np.empty((R, K), dtype=u.dtype)
+        sgbuf = np.empty((R, K), dtype=u.dtype)
+        abuf = np.empty((R * N, K), dtype=u.dtype)
+        xbuf = np.empty((R * N, K), dtype=u.dtype)
+        hbuf = np.empty((R * N, K + 1), dtype=u.dtype)
+        gbuf = np.empty((R * N, K), dtype=u.dtype)
+        gobuf = np.empty((R, K), dtype=u.dtype)
+        dubuf = np.empty((R, K), dtype=u.dtype)
+        ddtbuf = np.empty((R, K), dtype=u.dtype)
+        dbbuf = np.empty((N, K), dtype=u.dtype)
+        dcbuf = np.empty((N, K), dtype=u.dtype)
+        g = np.empty(R * N, dtype=u.dtype)
+        dA_vec = np.empty((R * N, K), dtype=u.dtype)
+        dD_vec = np.empty((R, K), dtype=u.dtype)
+        for k in range(nd):
+            dBk = dB_buf[item, k]
+            dCk = dC_buf[item, k]
+            for d0 in range(d_lo, d_hi, R):
+                Rb = min(R, d_hi - d0)
+                lanes = Rb * N
+                ch0 = k * Du + d0
+                for r in range(Rb):
+                    dD_vec[r, :] = 0.0
+                    for n in range(N):
+                        g[r * N + n] = 0.0
+                        dA_vec[r * N + n, :] = 0.0
+                for c in range(n_chunks - 1, -1, -1):
+                    l0 = c * K
+                    T = min(L, l0 + K) - l0
+                    pos = orders[k, l0:l0 + T]
+                    for r in range(Rb):
+                        for n in range(N):
+                            hbuf[r * N + n, 0] = ckpt[bi, ch0 + r, c, n]
+                    _dir_gather(bi, k, d0, ch0, Rb, pos, T, u, delta, B, C, ubuf, xdbuf, bbuf, cbuf)
+                    _dir_inputs(ch0, Rb, T, A, bias, softplus, True, ubuf, xdbuf, bbuf, dtbuf, dtubuf, sgbuf,
+                                abuf, xbuf)
+                    _block_states(lanes, T, abuf, xbuf, hbuf)
+                    for n in range(N):
+                        dbbuf[n, :T] = 0.0
+                        dcbuf[n, :T] = 0.0
+                    for r in range(Rb):
+                        dd = D[ch0 + r]
+                        g_row = gout[bi, d0 + r]
+                        u_r = ubuf[r]
+                        go_r = gobuf[r]
+                        du_r = dubuf[r]
+                        ddt_r = ddtbuf[r]
+                        dD_r = dD_vec[r]
+                        for t in range(T):
+                            go = g_row[pos[t]]
+                            go_r[t] = go
+                            du_r[t] = go * dd
+                            ddt_r[t] = 0.0
+                            dD_r[t] += go * u_r[t]
+                    for t in range(T - 1, -1, -1):
+                        for r in range(Rb):
+                            go = gobuf[r, t]
+                            for n in range(N):
+                                kk = r * N + n
+                                gn = g[kk] + go * cbuf[n, t]
+                                gbuf[kk, t] = gn
+                                g[kk] = gn * abuf[kk, t]
+                    for r in range(Rb):
+                        u_r = ubuf[r]
+                        go_r = gobuf[r]
+                        dt_r = dtbuf[r]
+                        dtu_r = dtubuf[r]
+                        du_r = dubuf[r]
+                        ddt_r = ddtbuf[r]
+                        for n in range(N):
+                            kk = r * N + n
+                            an = A[ch0 + r, n]
+                            g_k = gbuf[kk]
+                            a_k = abuf[kk]
+                            dA_k = dA_vec[kk]
+                            h_prev = hbuf[kk, 0:T]
+                            h_cur = hbuf[kk, 1:T + 1]
+                            b_n = bbuf[n]
+                            db_n = dbbuf[n]
+                            dc_n = dcbuf[n]
+                            for t in range(T):
+                                gn = g_k[t]
+                                bv = b_n[t]
+                                dc_n[t] += go_r[t] * h_cur[t]
+                                db_n[t] += gn * dtu_r[t]
+                                du_r[t] += gn * dt_r[t] * bv
+                                q = gn * h_prev[t] * a_k[t]
+                                ddt_r[t] += gn * bv * u_r[t] + q * an
+                                dA_k[t] += q * dt_r[t]
+                        du_row = du[bi, d0 + r]
+                        dx_row = ddelta[bi, ch0 + r]
+                        for t in range(T):
+                            du_row[pos[t]] += du_r[t]
+                        if softplus:
+                            sg_r = sgbuf[r]
+                            for t in range(T):
+                                dx_row[pos[t]] = ddt_r[t] * sg_r[t]
+                        else:
+                            for t in range(T):
+                                dx_row[pos[t]] = ddt_r[t]
+                    for n in range(N):
+                        db_row = dBk[n]
+                        dc_row = dCk[n]
+                        db_n = dbbuf[n]
+                        dc_n = dcbuf[n]
+                        for t in range(T):
+                            db_row[pos[t]] += db_n[t]
+                            dc_row[pos[t]] += dc_n[t]
+                for r in range(Rb):
+                    dD_part[bi, ch0 + r] = _sum(dD_vec[r], K)
+                    for n in range(N):
+                        dA_part[bi, ch0 + r, n] = _sum(dA_vec[r * N + n], K)
+
+
+class _DirScanCore(torch.autograd.Function):
+    """(u, delta, A, B, C, D, delta_bias, orders) -> sum over directions of each direction's output, map
+    order; one compute dtype; D and delta_bias may be None."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, orders, softplus):
+        batch, du_, length = u.shape
+        n = A.shape[1]
+        zeros = torch.zeros(A.shape[0], dtype=u.dtype)
+        Dk = D.detach().contiguous() if D is not None else zeros
+        bk = delta_bias.detach().contiguous() if delta_bias is not None else zeros
+        uk, xk, Ak = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
+        Bk, Ck = B.detach().contiguous(), C.detach().contiguous()
+        ok = orders.contiguous()
+        out = torch.empty(batch, du_, length, dtype=u.dtype)
+        ckpt = torch.empty(batch, A.shape[0], -(-length // CHUNK), n, dtype=u.dtype)
+        _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
+                   CHUNK, _rows_per_block(n), out.numpy(), ckpt.numpy())
+        ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt)
+        ctx.flags = (D is not None, delta_bias is not None, softplus)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt = ctx.saved_tensors
+        has_D, has_bias, softplus = ctx.flags
+        ct = uk.dtype
+        batch, du_, length = uk.shape
+        nd, n = ok.shape[0], Ak.shape[1]
+        slices = max(1, min(du_, -(-_TARGET_ITEMS // batch)))
+        gout = gout.detach().to(ct).contiguous()
+        du = torch.zeros_like(uk)
+        ddelta = torch.empty_like(xk)
+        dA_part = torch.empty(batch, nd * du_, n, dtype=ct)
+        dD_part = torch.empty(batch, nd * du_, dtype=ct)
+        dB_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
+        dC_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
+        _dscan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
+                   CHUNK, _rows_per_block(n), _np(ckpt), _np(gout), slices,
+                   du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
+        dB = dB_buf.reshape(batch, slices, nd, n, length).sum(1)
+        dC = dC_buf.reshape(batch, slices, nd, n, length).sum(1)
+        dD = dD_part.sum(0) if has_D else None
+        dbias = ddelta.sum((0, 2)) if has_bias else None
+        return du, ddelta, dA_part.sum(0), dB, dC, dD, dbias, None, None
+
+
+def directional_scan_cpu(u, delta, A, B, C, orders, D=None, delta_bias=None, delta_softplus=False):
+    """Directional selective scan with the numba kernels (arguments validated by the caller); returns
+    (batch, Du, L) in the compute dtype (fp32, or fp64 for fp64 inputs)."""
+    ct = compute_dtype(u.dtype)
+    cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
+    return _DirScanCore.apply(cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(delta_bias),
+                              orders, bool(delta_softplus))

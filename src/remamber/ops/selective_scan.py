@@ -9,9 +9,9 @@ import functools
 
 import torch
 
-from .scan_torch import selective_scan_torch
+from .scan_torch import compute_dtype, selective_scan_torch
 
-__all__ = ["selective_scan", "available_backends", "KNOWN_BACKENDS"]
+__all__ = ["selective_scan", "directional_selective_scan", "available_backends", "KNOWN_BACKENDS"]
 
 KNOWN_BACKENDS = ("auto", "torch", "cpu", "mamba_ssm")
 CUDA_INSTALL_HINT = (
@@ -164,3 +164,63 @@ def _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
         delta_bias=None if delta_bias is None else delta_bias.float().contiguous(),
         delta_softplus=delta_softplus, return_last_state=return_last_state,
     )
+
+
+def directional_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    orders: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """nd selective scans of one input in nd orders, summed back in map order (a fused cross-scan).
+
+    u: (batch, Du, L) in map order; orders: (nd, L) int64, each row a permutation: step l of
+    direction k reads map position orders[k, l]. delta: (batch, nd*Du, L) and B, C: (batch, nd, N, L),
+    also in map order (channel k*Du + d is channel d of direction k, with B[:, k], C[:, k]);
+    A: (nd*Du, N); D, delta_bias: (nd*Du,).
+    Same as gathering xs[:, k] = u[..., orders[k]] (and delta, B, C alike), `selective_scan` over the
+    nd*Du channels, and summing the outputs scattered back to map order; but the "cpu" backend does the
+    gather and scatter inside its kernel, so no re-ordered copies are made or kept for backward.
+    Returns (batch, Du, L) in the compute dtype (fp32; fp64 for fp64 inputs): the directions are
+    summed in fp32, as VMamba does.
+    """
+    if not isinstance(orders, torch.Tensor) or orders.dim() != 2 or orders.dtype != torch.int64:
+        got = tuple(orders.shape) if isinstance(orders, torch.Tensor) else type(orders).__name__
+        raise ValueError(f"directional_selective_scan: orders must be an int64 tensor (directions, L), got {got}")
+    if u.dim() != 3 or B.dim() != 4 or C.dim() != 4:
+        raise ValueError(f"directional_selective_scan: u must be (batch, Du, L) and B, C (batch, directions, N, L); "
+                         f"got u {tuple(u.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+    batch, du, length = u.shape
+    nd = orders.shape[0]
+    if orders.shape[1] != length or B.shape[1] != nd or C.shape[1] != nd:
+        raise ValueError(f"directional_selective_scan: orders {tuple(orders.shape)} must be (directions, L={length}) "
+                         f"with directions = B.shape[1] = C.shape[1] (got {B.shape[1]}, {C.shape[1]})")
+    expanded = u.new_empty(()).expand(batch, nd * du, length)  # shape-only stand-in for the nd*Du channels
+    _validate(expanded, delta, A, B, C, D, None, delta_bias)
+    if orders.device != u.device:
+        raise ValueError(f"directional_selective_scan: orders on {orders.device}, tensors on {u.device}")
+    ref = torch.arange(length, device=orders.device).expand(nd, length)
+    if not torch.equal(orders.sort(dim=1).values, ref):
+        raise ValueError("directional_selective_scan: every row of orders must be a permutation of 0..L-1")
+    name = _resolve_backend(backend, u)
+    if name == "cpu":
+        from .scan_cpu import directional_scan_cpu
+
+        return directional_scan_cpu(u, delta, A, B, C, orders, D, delta_bias, delta_softplus)
+    ct = compute_dtype(u.dtype)
+    n = A.shape[1]
+    idx = orders[None, :, None, :]
+    u, delta, B, C = (t.to(ct) for t in (u, delta, B, C))  # each direction's output stays fp32 until summed
+    xs = u[:, :, orders].transpose(1, 2).reshape(batch, nd * du, length)
+    ds = delta.reshape(batch, nd, du, length).gather(3, idx.expand(batch, nd, du, length)).reshape(batch, nd * du, length)
+    bs = B.gather(3, idx.expand(batch, nd, n, length))
+    cs = C.gather(3, idx.expand(batch, nd, n, length))
+    ys = selective_scan(xs, ds, A, bs, cs, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, backend=name)
+    inverse = orders.argsort(dim=1)[None, :, None, :].expand(batch, nd, du, length)
+    return ys.to(ct).reshape(batch, nd, du, length).gather(3, inverse).sum(1)

@@ -1,0 +1,134 @@
+"""directional_selective_scan (the cross-scan fused into the scan kernel) against an independent
+float64 reference: explicit re-ordered copies, a sequential recurrence per direction, un-permuted
+by explicit index loops and summed. Also the models' use of it (SS2D, Channel Scan) against the
+unfused composition cross_scan -> selective_scan -> cross_merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remamber.ops import (cross_merge, cross_scan, cross_scan_orders, directional_selective_scan,
+                          scan_orders, selective_scan)
+
+from test_ops_selective_scan import reference_scan
+
+
+def _inputs(batch, du, nd, n, length, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return dict(u=r(batch, du, length), delta=r(batch, nd * du, length) - 1.0,
+                A=-(torch.rand(nd * du, n, generator=g, dtype=torch.float64) + 0.2).to(dtype),
+                B=r(batch, nd, n, length), C=r(batch, nd, n, length), D=r(nd * du), delta_bias=r(nd * du) * 0.5)
+
+
+def _reference(x, orders, softplus=True):
+    """float64: gather each direction with a Python index list, scan, scatter back with a loop, sum."""
+    batch, du, length = x["u"].shape
+    nd, n = orders.shape[0], x["A"].shape[1]
+    total = torch.zeros(batch, du, length, dtype=torch.float64)
+    for k in range(nd):
+        order = [int(p) for p in orders[k]]
+        rows = slice(k * du, (k + 1) * du)
+        y, _ = reference_scan(x["u"][:, :, order], x["delta"][:, rows][:, :, order], x["A"][rows],
+                              x["B"][:, k][:, :, order], x["C"][:, k][:, :, order], D=x["D"][rows],
+                              delta_bias=x["delta_bias"][rows], delta_softplus=softplus)
+        for step, pos in enumerate(order):
+            total[:, :, pos] = total[:, :, pos] + y[:, :, step]
+    return total
+
+
+CASES = [  # (kind, height, width, d_state): lengths below, at and across the kernel's 256-step chunks
+    ("cross", 5, 7, 1), ("cross", 16, 16, 1), ("cross", 20, 30, 2), ("channel", 1, 300, 1), ("cross", 3, 3, 4),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("kind,height,width,n", CASES)
+def test_matches_float64_reference(backend, kind, height, width, n):
+    orders = scan_orders(kind, height, width)
+    x = {k: v.requires_grad_() for k, v in _inputs(2, 3, 4, n, height * width, torch.float64, height).items()}
+    names = list(x)
+    out = directional_selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], orders, D=x["D"],
+                                     delta_bias=x["delta_bias"], delta_softplus=True, backend=backend)
+    ref = _reference(x, orders)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    gout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [x[k] for k in names], gout)
+    want = torch.autograd.grad(ref, [x[k] for k in names], gout)
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
+
+
+def test_float32_cpu_kernel_close_to_float64_and_bit_reproducible():
+    orders = cross_scan_orders(12, 10)
+    x64 = _inputs(2, 8, 4, 1, 120, torch.float64, 7)
+    x32 = {k: v.float().requires_grad_() for k, v in x64.items()}
+    outs = []
+    for _ in range(2):
+        out = directional_selective_scan(x32["u"], x32["delta"], x32["A"], x32["B"], x32["C"], orders, D=x32["D"],
+                                         delta_bias=x32["delta_bias"], delta_softplus=True, backend="cpu")
+        outs.append((out, torch.autograd.grad(out.square().sum(), list(x32.values()))))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    torch.testing.assert_close(outs[0][0].double(), _reference(x64, orders), rtol=6e-4, atol=2e-3)
+
+
+def test_same_as_unfused_cross_scan_composition():
+    """The fused op equals cross_scan -> selective_scan -> cross_merge (the layout it replaces)."""
+    h, w, du, n = 6, 9, 5, 1
+    x = _inputs(2, du, 4, n, h * w, torch.float64, 3)
+    # the unfused path takes delta, B, C in scan order: gather them the way cross_scan orders u
+    orders = cross_scan_orders(h, w)
+    idx = orders[None, :, None, :]
+    delta_s = x["delta"].reshape(2, 4, du, h * w).gather(3, idx.expand(2, 4, du, h * w)).reshape(2, 4 * du, h * w)
+    xs = cross_scan(x["u"].reshape(2, du, h, w)).reshape(2, 4 * du, h * w)
+    ys = selective_scan(xs, delta_s, x["A"], x["B"].gather(3, idx.expand(2, 4, n, h * w)),
+                        x["C"].gather(3, idx.expand(2, 4, n, h * w)), D=x["D"], delta_bias=x["delta_bias"],
+                        delta_softplus=True, backend="cpu")
+    unfused = cross_merge(ys.reshape(2, 4, du, h * w), h, w)
+    fused = directional_selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], orders, D=x["D"],
+                                       delta_bias=x["delta_bias"], delta_softplus=True, backend="cpu")
+    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_directions_are_summed_in_fp32(backend):
+    """bf16 inputs: each direction's output and the sum stay fp32 (256 + 1 + 1 + 1 = 259; bf16 gives 258)."""
+    du, length = 2, 6
+    u = torch.ones(1, du, length, dtype=torch.bfloat16)
+    zeros = torch.zeros(1, 4, 1, length, dtype=torch.bfloat16)
+    D = torch.tensor([256.0] * du + [1.0] * (3 * du))
+    out = directional_selective_scan(u, torch.zeros(1, 4 * du, length, dtype=torch.bfloat16), -torch.ones(4 * du, 1),
+                                     zeros, zeros, cross_scan_orders(2, 3), D=D, backend=backend)
+    assert out.dtype == torch.float32
+    assert torch.all(out == 259.0)
+
+
+def test_orders_and_shapes_are_checked():
+    x = _inputs(1, 2, 4, 1, 6, torch.float32, 0)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    bad = cross_scan_orders(2, 3).clone()
+    bad[1, 0] = bad[1, 1]  # a repeated position: not a permutation
+    with pytest.raises(ValueError, match="permutation"):
+        directional_selective_scan(*args, bad)
+    with pytest.raises(ValueError, match="orders"):
+        directional_selective_scan(*args, cross_scan_orders(3, 3))
+    with pytest.raises(ValueError, match="int64"):
+        directional_selective_scan(*args, cross_scan_orders(2, 3).int())
+    with pytest.raises(ValueError, match="delta"):
+        directional_selective_scan(x["u"], x["delta"][:, :4], *args[2:], cross_scan_orders(2, 3))
+
+
+def test_scan_orders_index_arithmetic():
+    h, w = 3, 4
+    o = cross_scan_orders(h, w)
+    for l in range(h * w):  # direction 1 walks columns: step w*H + h visits h*W + w
+        assert int(o[1, l]) == (l % h) * w + l // h
+        assert int(o[2, l]) == h * w - 1 - l
+        assert int(o[3, l]) == int(o[1, h * w - 1 - l])
+    c = scan_orders("channel", 1, 5)
+    assert c.tolist() == [[0, 1, 2, 3, 4]] * 2 + [[4, 3, 2, 1, 0]] * 2
+    with pytest.raises(ValueError, match="unknown kind"):
+        scan_orders("diagonal", 2, 2)
