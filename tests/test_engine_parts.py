@@ -177,7 +177,20 @@ def test_checkpoint_write_read_and_errors(tmp_path):
     # torch's own message advises retrying with weights_only=False (running the file's code): not passed on,
     # neither in the message nor in the exception chain a --debug traceback would print.
     assert "weights_only" not in str(refused.value) and "SimpleNamespace" in str(refused.value)
+    assert "safe_globals" not in str(refused.value)  # nor its advice to allowlist what it refused
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+    # A pickle that would run os.system (legacy format) is refused the same way, nothing run.
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"format": "remamber-checkpoint-v1", "meta": Evil()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.pt: refused: .*GLOBAL (posix|os|nt)\.system") as refused:
+        read_checkpoint(legacy)
+    assert "weights_only" not in str(refused.value) and not (tmp_path / "ran").exists()
 
 
 def test_frozen_text_encoder_stays_eval_without_grads_and_out_of_the_optimizer():

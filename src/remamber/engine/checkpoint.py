@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as exc:
         # torch's message advises retrying with weights_only=False, i.e. running the file's code: never
         # pass that on. Keep only the unpickler's own finding. `from None`: not even in a traceback.
-        found = next((line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line),
-                     "").replace("WeightsUnpickler error: ", "")
+        found = next((line.strip().replace("WeightsUnpickler error: ", "") for line in str(exc).splitlines()
+                      if line.strip() and "weights_only" not in line and "Weights only" not in line
+                      and "you have two options" not in line), "")
+        found = re.split(r"\. Please| was not an allowed global", found)[0]  # and its allowlisting advice
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors and plain data"
             f"{f' ({found})' if found else ''}; a remamber checkpoint never does, so it is not one "

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -216,7 +217,13 @@ def _read_checkpoint(path: str) -> object:
         with torch.serialization.safe_globals([(_inert_stub(name), name) for name in unknown]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint: {exc}") from exc
+        # torch's message advises retrying with weights_only=False (running the file's code): keep only its
+        # finding, and not even the chain (a --debug traceback would print it).
+        found = next((line.strip().replace("WeightsUnpickler error: ", "") for line in str(exc).splitlines()
+                      if line.strip() and "weights_only" not in line and "Weights only" not in line
+                      and "you have two options" not in line), type(exc).__name__)
+        found = re.split(r"\. Please| was not an allowed global", found)[0]  # and its allowlisting advice
+        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint: {found}") from None
 
 
 def verify_checkpoint_file(path: str | os.PathLike, sha256: str | None, size: int | None) -> None:
