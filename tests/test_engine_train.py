@@ -336,3 +336,23 @@ def test_finished_training_is_not_overwritten_without_flag(tmp_path, data_dirs):
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
     keys = {r.data.tags.get("remamber.run_key") for r in runs} - {None}
     assert keys == {f"enginetest/refcoco/twister/{RES}@{train_module.out_dir_id(p)}" for p in (out, tmp_path / "b")}
+
+
+def test_cli_train_errors_are_one_line(tmp_path, data_dirs, capsys):
+    """At the command line: a folder holding a training, or a CUDA device on a machine without one, is
+    one error line naming the flag to use (exit status 2), not a traceback."""
+    from remamber.cli import main
+
+    _write_config(tmp_path / "cfg.yaml", data_dirs)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "best.pt").write_bytes(b"a finished training's")
+    args = ["train", "--config", str(tmp_path / "cfg.yaml"), "--dataset", "refcoco", "--variant", "twister",
+            "--resolution", str(RES), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a training (best.pt); pass --resume" in err[0] and "--overwrite" in err[0]
+    if not torch.cuda.is_available():
+        assert main([*args[:-1], str(tmp_path / "new"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["remamber: error: --device cuda: CUDA is not available here (use --device cpu)"]

@@ -21,6 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from remamber.errors import RemamberError
+
+
+class DeviceError(RemamberError, ValueError):
+    """A --device that does not name a usable device."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -70,10 +76,10 @@ def resolve_device(device: str | torch.device | None, info: DistInfo) -> torch.d
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"--device {device!r}: not a device name (e.g. cpu, cuda, cuda:1)") from exc
+        raise DeviceError(f"--device {device!r}: not a device name (e.g. cpu, cuda, cuda:1)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
+            raise DeviceError(f"--device {device}: CUDA is not available here (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
         torch.cuda.set_device(device)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from remamber.engine.checkpoint import file_sha256, load_model
 from remamber.engine.metrics import METRIC_KEYS, MetricAccumulator
+from remamber.errors import RemamberError
 
 PROTOCOLS = ("original", "input")
 
@@ -101,13 +102,17 @@ def _atomic_write_json(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class DestinationError(RemamberError, ValueError):
+    """--out cannot become the metrics file."""
+
+
 def _check_destination(out: Path) -> None:
     """Fail before scoring (minutes to hours), not after, when `out` cannot become the metrics file."""
     if out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give the path of the metrics JSON file to write")
+        raise DestinationError(f"--out {out}: is a folder; give the path of the metrics JSON file to write")
     parent = next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot create it under {parent} (not a writable folder)")
+        raise DestinationError(f"--out {out}: cannot create it under {parent} (not a writable folder)")
 
 
 def evaluate(
