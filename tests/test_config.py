@@ -33,7 +33,9 @@ def test_paper_and_demo_load_with_model_check():
     high = yaml.safe_load(DEMO.read_text())["experiments"]["resolutions"]["high"]
     assert demo.tables["table2"] == {"resolution": high, "datasets": ["refcoco", "refcoco+", "refcocog"],
                                      "variants": ["twister"], "controls": []}
-    assert demo.model_config("local_only").to_dict()["backbone"] == "vmamba_demo"
+    from remamber.engine.jobs import model_config
+
+    assert model_config(demo, "local_only").to_dict()["backbone"] == "vmamba_demo"
 
 
 def test_paper_matrix_jobs_and_evaluations():
@@ -103,9 +105,11 @@ def test_bad_values_are_named(tmp_path, edit, pattern):
 
 
 def test_model_section_and_variants_checked_through_models(tmp_path):
+    from remamber.engine.jobs import check_model_section
+
     bad_key = _write_variant(tmp_path, lambda r: r["model"].__setitem__("backbon", "vmamba_demo"))
-    with pytest.raises(ConfigError, match=r"demo\.yaml: model: .*backbon"):
-        ExperimentConfig.from_yaml(bad_key)
+    with pytest.raises(ConfigError, match=r"demo\.yaml: model \(variant '\w+'\): .*backbon"):
+        check_model_section(ExperimentConfig.from_yaml(bad_key))
     # Shape-only reading succeeds without the model check.
     ExperimentConfig.from_yaml(bad_key, check_model=False)
     bad_variant = _write_variant(

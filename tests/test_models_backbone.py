@@ -305,7 +305,7 @@ def test_pins_are_read_from_params_datasets_yaml(tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    from remamber.models.remamber import _pinned_backbone
+    from remamber.data.catalog import pinned_pretrained as _pinned_backbone
 
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "params").mkdir()

@@ -143,9 +143,11 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from remamber.config import ExperimentConfig
+    from remamber.engine.jobs import check_model_section
     from remamber.engine.train import train
 
     cfg = ExperimentConfig.from_yaml(args.config)
+    check_model_section(cfg)
     train(
         cfg,
         args.dataset,
@@ -237,7 +239,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from remamber.config import ExperimentConfig
 
+    from remamber.engine.jobs import check_model_section
+
     cfg = ExperimentConfig.from_yaml(args.config)
+    check_model_section(cfg)
     jobs = cfg.jobs()
     for job in jobs:
         print(f"train {job.dataset:9s} {job.variant:16s} {job.resolution:4d}  tables={','.join(job.tables)}")

@@ -1,8 +1,9 @@
 """Experiment configuration: strict, typed reading of params/*.yaml and the experiment matrix.
 
-This module imports neither torch nor the model code at import time, so Snakemake can read the matrix
-quickly. The `model:` section is checked against `remamber.models.ModelConfig` lazily, inside
-`ExperimentConfig.from_yaml(..., check_model=True)` (the default) or `validate_model()`.
+This module imports neither torch nor the model code (it sits below `engine`, beside `models`), so
+Snakemake and `remamber report` read the matrix quickly. Variant names are checked against the ground
+floor's vocabulary; the `model:` section's values are checked where a model is built
+(`remamber.engine.jobs.model_config`).
 
 Paths in the file (`results`, `data.raw`, `data.processed`, `model.pretrained_backbone`) are kept exactly as
 written: relative paths are relative to the working directory of the command (the project root).
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from remamber.errors import RemamberError
-from remamber.vocabulary import BASELINES, CONTROLS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT
+from remamber.vocabulary import BASELINES, CONTROLS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT, VARIANTS
 
 __all__ = [
     "ConfigError",
@@ -412,7 +413,7 @@ class ExperimentConfig:
     # ---- construction
     @classmethod
     def from_yaml(cls, path: str | Path, check_model: bool = True) -> "ExperimentConfig":
-        """Read and validate a params file; `check_model=False` skips the (torch-importing) model check."""
+        """Read and validate a params file; `check_model=False` skips the variant-name check."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -456,28 +457,17 @@ class ExperimentConfig:
                           f"{ds!r} is not in data.datasets ({', '.join(self.data.datasets)})")
 
     def validate_model(self) -> None:
-        """Check the `model:` section and every variant name through remamber.models (imports torch)."""
-        from remamber.models import VARIANTS, variant_config
-
+        """Every variant of the tables is a known one, and the `model:` section does not redefine what a
+        variant sets (fusion, scan order, interaction)."""
         for name, table in self.experiments.tables.items():
             for variant in table.variants:
                 if variant not in VARIANTS:
                     _fail(f"{self.source}: experiments.tables.{name}.variants",
                           f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-        for variant in dict.fromkeys(v for t in self.experiments.tables.values() for v in t.variants):
-            try:
-                variant_config(variant, **self.model)
-            except (TypeError, ValueError, KeyError) as exc:
-                raise ConfigError(f"{self.source}: model: {exc}") from exc
-
-    def model_config(self, variant: str):
-        """The ModelConfig of `variant` with this file's `model:` overrides."""
-        from remamber.models import variant_config
-
-        try:
-            return variant_config(variant, **self.model)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{self.source}: model (variant {variant!r}): {exc}") from exc
+        defining = sorted({k for v in VARIANTS.values() for k in ("fusion", "scan_order", "interaction")} & set(self.model))
+        if defining:
+            _fail(f"{self.source}: model.{defining[0]}", "is set by each variant (experiments.tables.*.variants); "
+                  "remove it from the model section")
 
     # ---- the experiment matrix
     @property

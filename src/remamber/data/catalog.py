@@ -7,6 +7,7 @@ and the key path.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,21 @@ def load_catalog(path: str | os.PathLike = DEFAULT_DATASETS_YAML) -> Catalog:
     pretrained = raw.get("pretrained") or {}
     _require_mapping(pretrained, "pretrained", path)
     return Catalog(path=path, archives=archives, datasets=datasets, pretrained=pretrained)
+
+
+def pinned_pretrained(path, catalog_path: str | os.PathLike = DEFAULT_DATASETS_YAML) -> tuple[str | None, int | None]:
+    """(sha256, size) that params/datasets.yaml pins for this file name under pretrained.backbone, or
+    (None, None) when the catalog is not here or pins another file."""
+    catalog_path = Path(catalog_path)
+    if not catalog_path.is_file():
+        return None, None
+    entry = load_catalog(catalog_path).pretrained.get("backbone") or {}
+    if not isinstance(entry, dict) or entry.get("name") != os.path.basename(os.fspath(path)):
+        return None, None
+    sha256, size = entry.get("sha256"), entry.get("size")
+    where = f"{catalog_path}: pretrained.backbone"
+    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+        raise CatalogError(f"{where}.sha256 must be 64 hex digits or null, got {sha256!r}")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise CatalogError(f"{where}.size must be a positive byte count or null, got {size!r}")
+    return sha256, size

@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from remamber.config import ConfigError, ExperimentConfig
 from remamber.errors import RemamberError
+from remamber.data.catalog import pinned_pretrained
+from remamber.engine.jobs import model_config
 from remamber.engine.checkpoint import (
     CheckpointError, file_sha256, frozen_reference, load_weights, read_checkpoint, save_checkpoint,
 )
@@ -163,8 +165,9 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         raise ValueError(f"{index_dir}: {len(train_ds)} training items, fewer than one global batch "
                          f"({tc.global_batch_size}); lower train.global_batch_size")
 
-    model_cfg = cfg.model_config(variant)
-    model = build_model(model_cfg).to(device)
+    model_cfg = model_config(cfg, variant)
+    pin = pinned_pretrained(model_cfg.pretrained_backbone) if model_cfg.pretrained_backbone else (None, None)
+    model = build_model(model_cfg, backbone_pin=pin).to(device)
     if tc.freeze_text_encoder:
         model.text_encoder.freeze()  # before the optimizer is built: its parameters stay out of it
     frozen = frozen_reference(model)  # hashed once; every checkpoint references it

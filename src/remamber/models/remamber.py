@@ -11,8 +11,6 @@ The fused map of each stage feeds both the next stage (through its downsampling)
 from __future__ import annotations
 
 import logging
-import os
-import re
 
 import torch
 from torch import nn
@@ -80,10 +78,10 @@ class ReMamber(nn.Module):
         """texts -> (input_ids, attention_mask), LongTensors (B, max_text_len)."""
         return self.text_encoder.tokenize(texts)
 
-    def load_backbone_checkpoint(self, path) -> LoadReport:
+    def load_backbone_checkpoint(self, path, sha256: str | None = None, size: int | None = None) -> LoadReport:
         """Load official VMamba ImageNet weights into the backbone after checking the file against the
-        sha256/size pinned in params/datasets.yaml (see load_vmamba_checkpoint for the key checks)."""
-        sha256, size = _pinned_backbone(path)
+        given sha256/size (the caller reads the pins of params/datasets.yaml; see load_vmamba_checkpoint
+        for the key checks)."""
         verify_checkpoint_file(path, sha256, size)
         report = load_vmamba_checkpoint(self.backbone, path)
         log.info("backbone checkpoint %s: %d tensors loaded, %d ignored (classifier head)",
@@ -146,33 +144,14 @@ def _collect(trace: dict[str, list], record: dict) -> None:
         trace[key].append(record.get(key))
 
 
-def _pinned_backbone(path) -> tuple[str | None, int | None]:
-    """(sha256, size) that params/datasets.yaml pins for this file name under pretrained.backbone, or
-    (None, None) when the catalog is not here or pins another file."""
-    from remamber.data.catalog import DEFAULT_DATASETS_YAML, load_catalog
-
-    if not DEFAULT_DATASETS_YAML.is_file():
-        return None, None
-    entry = load_catalog(DEFAULT_DATASETS_YAML).pretrained.get("backbone") or {}
-    if not isinstance(entry, dict) or entry.get("name") != os.path.basename(os.fspath(path)):
-        return None, None
-    sha256, size = entry.get("sha256"), entry.get("size")
-    where = f"{DEFAULT_DATASETS_YAML}: pretrained.backbone"
-    if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
-        raise ValueError(f"{where}.sha256 must be 64 hex digits or null, got {sha256!r}")
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
-        raise ValueError(f"{where}.size must be a positive byte count or null, got {size!r}")
-    return sha256, size
-
-
-def build_model(cfg: ModelConfig) -> ReMamber:
+def build_model(cfg: ModelConfig, backbone_pin: tuple[str | None, int | None] = (None, None)) -> ReMamber:
     """Build the model of `cfg` (deterministic given torch.manual_seed); loads
-    cfg.pretrained_backbone into the backbone when set."""
+    cfg.pretrained_backbone into the backbone when set, checked against `backbone_pin` (sha256, size)."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model expects a ModelConfig, got {type(cfg).__name__}")
     cfg.validate()
     text_encoder = build_text_encoder(cfg.text_encoder, text_layers=cfg.text_layers, max_text_len=cfg.max_text_len)
     model = ReMamber(cfg, text_encoder)
     if cfg.pretrained_backbone is not None:
-        model.load_backbone_checkpoint(cfg.pretrained_backbone)
+        model.load_backbone_checkpoint(cfg.pretrained_backbone, *backbone_pin)
     return model
