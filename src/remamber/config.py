@@ -22,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from remamber.errors import RemamberError
-from remamber.vocabulary import BASELINES, CONTROLS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT, VARIANTS
+from remamber.vocabulary import BASELINES, CONTROLS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT, SPLIT_BYS, VARIANTS
 
 __all__ = [
     "ConfigError",
@@ -257,7 +257,7 @@ class TrainingJob:
         return f"{self.dataset}/{self.variant}/{self.resolution}"
 
 
-SPLIT_BY = ("unc", "umd", "google", "unc_plus")
+SPLIT_BY = SPLIT_BYS
 PROTOCOLS = ("original", "input")
 
 

@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from remamber.data._io import atomic_open, atomic_write_json
 from remamber.data.catalog import COUNT_KEYS, CatalogError, load_catalog, parse_counts
+from remamber.vocabulary import DATASETS
 from remamber.data.refer import MASK_MODES, ReferError, load_refer
 from remamber.errors import RemamberError
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
-DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+DEFAULT_SPLIT_BY = {name: facts.split_by for name, facts in DATASETS.items()}
 IMAGE_DIR = "train2014"  # every refer dataset draws its images from COCO train2014
 TEXT_FIELDS = ("raw", "sent")  # refer sentence fields that can become the model's text
 SYNTH_META = "synth_meta.json"

@@ -31,6 +31,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from remamber.data._io import atomic_write_bytes, atomic_write_json
+from remamber.vocabulary import DATASETS as VOCABULARY_DATASETS
 
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
@@ -45,7 +46,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
     "small": {"unc": {"train": 600, "val": 100, "testA": 100, "testB": 100},
               "umd": {"train": 600, "val": 100, "test": 100}},
 }
-DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+DATASETS = {name: facts.split_by for name, facts in VOCABULARY_DATASETS.items()}  # name -> split_by
 
 # (id, name, supercategory); "person" is the people-like family of testA.
 CATEGORIES = [(1, "person", "people"), (2, "circle", "shape"), (3, "square", "shape"),

@@ -11,11 +11,11 @@ import yaml
 from remamber.models.backbone import BACKBONES
 from remamber.models.decoder import DECODERS
 from remamber.models.text import TEXT_ENCODERS
-from remamber.models.twisting import INTERACTIONS, SCAN_ORDERS
+from remamber.vocabulary import FUSIONS, INTERACTIONS, SCAN_ORDERS
+from remamber.vocabulary import VARIANTS as VOCABULARY
 
 __all__ = ["FUSIONS", "VARIANTS", "ModelConfig", "variant_config"]
 
-FUSIONS = ("twister", "in_context", "attention", "norm_adaptation")
 INITS = ("trunc_normal", "authors")
 
 
@@ -119,19 +119,8 @@ class ModelConfig:
         return cls.from_dict(data or {}, source=where)
 
 
-# Names as in the paper's tables -> the ModelConfig fields that define them.
-_VARIANT_FIELDS: dict[str, dict] = {
-    "twister": dict(fusion="twister"),
-    "in_context": dict(fusion="in_context"),
-    "attention": dict(fusion="attention"),
-    "norm_adaptation": dict(fusion="norm_adaptation"),
-    "channel_only": dict(fusion="twister", scan_order="channel_only"),
-    "spatial_only": dict(fusion="twister", scan_order="spatial_only"),
-    "parallel": dict(fusion="twister", scan_order="parallel"),
-    "spatial_channel": dict(fusion="twister", scan_order="spatial_channel"),
-    "global_only": dict(fusion="twister", interaction="global_only"),
-    "local_only": dict(fusion="twister", interaction="local_only"),
-}
+# Names as in the paper's tables -> the ModelConfig fields that define them (the vocabulary's table).
+_VARIANT_FIELDS: dict[str, dict] = {name: v.fields for name, v in VOCABULARY.items()}
 VARIANTS: tuple[str, ...] = tuple(_VARIANT_FIELDS)
 
 

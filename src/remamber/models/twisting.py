@@ -34,11 +34,10 @@ from remamber.models.layers import LayerNorm2d, Linear2d
 from remamber.models.ss2d import SS2D
 from remamber.models.ssm import add_ssm_parameters, resolve_dt_rank, scan_in_orders
 from remamber.ops import scan_orders
+from remamber.vocabulary import INTERACTIONS, SCAN_ORDERS
 
 __all__ = ["SCAN_ORDERS", "INTERACTIONS", "ChannelScan", "TwistingLayer", "TwisterBlock", "TwisterStage"]
 
-SCAN_ORDERS = ("channel_spatial", "spatial_channel", "parallel", "channel_only", "spatial_only")
-INTERACTIONS = ("global_local", "global_only", "local_only")
 
 
 class ChannelScan(nn.Module):
