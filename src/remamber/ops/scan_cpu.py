@@ -175,6 +175,12 @@ def _rows_per_block(n_state: int) -> int:
     return max(1, LANES // n_state)
 
 
+def _chunk(length: int) -> int:
+    """Chunk length: CHUNK, or L when shorter, so short sequences (a 2 x 2 map, a 48-channel cube) do not
+    pay for CHUNK-long buffers; the recurrence and the order of every sum are the same either way."""
+    return max(1, min(CHUNK, length))
+
+
 @njit(inline="always", error_model="numpy")
 def _block_inputs(bi, d0, R, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, need_sig,
                   dtbuf, dtubuf, sgbuf, abuf, xbuf):
@@ -511,10 +517,10 @@ class _ScanCore(torch.autograd.Function):
         uk, xk, Ak = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
         Bk, Ck = _bc_kernel_layout(B), _bc_kernel_layout(C)
         out = torch.empty(batch, dim, length, dtype=u.dtype)
-        ckpt = torch.empty(batch, dim, -(-length // CHUNK), n, dtype=u.dtype)
+        ckpt = torch.empty(batch, dim, -(-length // _chunk(length)), n, dtype=u.dtype)
         last = torch.empty(batch, dim, n, dtype=u.dtype)
         _scan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
-                  CHUNK, _rows_per_block(n), out.numpy(), ckpt.numpy(), last.numpy())
+                  _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy(), last.numpy())
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ckpt)
         ctx.flags = (has_D, has_bias, softplus)
         ctx.bc_ndim = (B.dim(), C.dim())
@@ -542,7 +548,7 @@ class _ScanCore(torch.autograd.Function):
         dB_buf = torch.zeros(batch * dim if shared_b else items, n, Bk.shape[3], dtype=ct)
         dC_buf = torch.zeros(batch * dim if shared_c else items, n, Ck.shape[3], dtype=ct)
         _scan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
-                  CHUNK, _rows_per_block(n), _np(ckpt), _np(gout), _np(glast_k), has_glast,
+                  _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), _np(glast_k), has_glast,
                   shared_b, shared_c, groups, slices,
                   du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
 
@@ -858,9 +864,9 @@ class _DirScanCore(torch.autograd.Function):
         Bk, Ck = B.detach().contiguous(), C.detach().contiguous()
         ok = orders.contiguous()
         out = torch.empty(batch, du_, length, dtype=u.dtype)
-        ckpt = torch.empty(batch, A.shape[0], -(-length // CHUNK), n, dtype=u.dtype)
+        ckpt = torch.empty(batch, A.shape[0], -(-length // _chunk(length)), n, dtype=u.dtype)
         _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                   CHUNK, _rows_per_block(n), out.numpy(), ckpt.numpy())
+                   _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy())
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt)
         ctx.flags = (D is not None, delta_bias is not None, softplus)
         return out
@@ -881,7 +887,7 @@ class _DirScanCore(torch.autograd.Function):
         dB_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
         dC_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
         _dscan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                   CHUNK, _rows_per_block(n), _np(ckpt), _np(gout), slices,
+                   _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), slices,
                    du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
         dB = dB_buf.reshape(batch, slices, nd, n, length).sum(1)
         dC = dC_buf.reshape(batch, slices, nd, n, length).sum(1)
