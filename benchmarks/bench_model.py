@@ -64,6 +64,9 @@ def _build(case: str, size: int, batch: int):
 
         return step, math.ceil(size / 4) ** 2
 
+    if case == "paper":
+        return _build_paper(size, batch)
+
     side = math.ceil(size / 4)  # the first stage's map for this input size
     image = torch.randn(batch, BLOCK_WIDTH, side, side, requires_grad=True)
     words = torch.randn(batch, 20, 384)
@@ -108,11 +111,41 @@ def _build(case: str, size: int, batch: int):
     return step, side * side
 
 
+def _build_paper(size: int, batch: int):
+    """The paper configuration: VMamba-B, a CLIP-L/14-sized text encoder built offline from its config
+    (random weights: cost, not accuracy, is measured), Twister widths 512 / 16x16, conv decoder."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from remamber.models import variant_config
+    from remamber.models.remamber import ReMamber
+    from remamber.models.text import TextEncoder
+
+    torch.manual_seed(0)
+    cfg = variant_config("twister", backbone="vmamba_base", text_encoder="clip-vit-large-patch14")
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    model = ReMamber(cfg, TextEncoder("clip-l-random", clip, None, "pooler", cfg.max_text_len)).train()
+    ids = torch.randint(1, 49000, (batch, cfg.max_text_len))
+    mask = torch.ones_like(ids)
+    images = torch.randn(batch, 3, size, size)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(images, ids, mask).mean().backward()
+
+    step.params = sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+    return step, math.ceil(size / 4) ** 2
+
+
 def _child(case: str, size: int, batch: int, repeats: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    _build(case, 64, 2)[0]()  # loads the compiled scan kernels, so their code is not counted below
+    if case != "paper":
+        _build(case, 64, 2)[0]()  # loads the compiled scan kernels, so their code is not counted below
+    else:
+        _build("twister_block", 64, 2)[0]()
     step, tokens = _build(case, size, batch)
     before = _vm_rss_kib()
     step()  # warm-up; also the memory high-water mark of one step
@@ -123,7 +156,7 @@ def _child(case: str, size: int, batch: int, repeats: int, threads: int) -> dict
         step()
         times.append(time.perf_counter() - start)
     return {"case": case, "size": size, "tokens": tokens, "ms_per_image": 1000 * statistics.median(times) / batch,
-            "peak_mib_per_image": max(peak - before, 0) / 1024 / batch}
+            "peak_mib_per_image": max(peak - before, 0) / 1024 / batch, "params": getattr(step, "params", None)}
 
 
 def _run(case: str, size: int, args) -> dict:
@@ -150,10 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(MODEL_CASES + BLOCK_CASES),
                         choices=MODEL_CASES + BLOCK_CASES)
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper configuration, one image at 256 and 480 px (see _paper_table)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(*json.loads(args.child))))
+        return
+    if args.paper:
+        _paper_table(args)
         return
     sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     if args.quick:
@@ -176,6 +214,27 @@ def main(argv: list[str] | None = None) -> None:
             print(case.ljust(22) + cells + "   " + exponent)
     print("\nexponent: least-squares slope of log(time) against log(image tokens at the first stage); "
           "1 = linear in tokens, 2 = quadratic")
+
+
+def _paper_table(args) -> None:
+    """Paper configuration (VMamba-B, CLIP-L/14-sized text encoder, Twister 512 / 16x16), forward+backward
+    of one image at 256 and 480 px on CPU: seconds, peak memory (ru_maxrss delta, fp32 activations), and a
+    projection for 8 images per GPU: 8 x activations + weights, gradients and AdamW's two moments
+    (16 bytes per parameter). "AMP" halves the activations (bf16 autocast keeps most saved tensors in
+    16 bits; norms, the scan's state checkpoints and the loss stay fp32, so this is a lower bound).
+    LAVT-style Swin-B models: LAVT (Yang et al., CVPR 2022), CRIS, ReLA and the ReMamber paper publish no
+    per-image training memory that we could find, so no figure is printed beside ours."""
+    rows = [_run("paper", size, argparse.Namespace(batch=1, repeats=1, threads=args.threads)) for size in (256, 480)]
+    print(f"\npaper configuration, forward+backward of one image on CPU ({args.threads} threads), "
+          f"{rows[0]['params'] / 1e6:.1f}M parameters")
+    state_gib = rows[0]["params"] * 16 / 2**30
+    print(f"{'px':>5} {'seconds':>8} {'peak MiB':>9} {'8 img/GPU fp32 GiB':>19} {'8 img/GPU AMP GiB':>18}")
+    for r in rows:
+        act = r["peak_mib_per_image"] / 1024
+        print(f"{r['size']:>5} {r['ms_per_image'] / 1000:8.1f} {r['peak_mib_per_image']:9.0f} "
+              f"{8 * act + state_gib:19.1f} {4 * act + state_gib:18.1f}")
+    print(f"(weights + grads + AdamW moments: {state_gib:.1f} GiB; published per-image memory of LAVT-style "
+          "Swin-B models: none found, so none is shown)")
 
 
 if __name__ == "__main__":

@@ -64,13 +64,18 @@ def _demo_setup(resolution: int, frozen: bool, batch: int | None):
     import remamber
     from remamber.config import ExperimentConfig
     from remamber.engine.optim import build_optimizer
-    from remamber.engine.jobs import model_config
     from remamber.models import build_model
 
     params_file = Path(remamber.__file__).resolve().parents[2] / "params" / "demo.yaml"  # the library's own
     cfg = ExperimentConfig.from_yaml(params_file)
+    try:
+        from remamber.engine.jobs import model_config
+
+        model_cfg = model_config(cfg, "twister")
+    except ImportError:  # an older checkout (--baseline): the config built the model section itself
+        model_cfg = cfg.model_config("twister")
     torch.manual_seed(0)
-    model = build_model(model_config(cfg, "twister")).train()
+    model = build_model(model_cfg).train()
     if frozen:
         enc = model.text_encoder
         if hasattr(enc, "freeze"):
