@@ -61,7 +61,11 @@ class Terminated(SystemExit):
         super().__init__(128 + signal.SIGTERM)
 
 
+_SIGTERM_RECEIVED = threading.Event()
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _SIGTERM_RECEIVED.set()
     raise Terminated()
 
 
@@ -121,6 +125,7 @@ class _Handle(abc.ABC):
     def __enter__(self) -> "_Handle":
         # SIGTERM would end the process without unwinding: the run would stay RUNNING for good.
         if threading.current_thread() is threading.main_thread():
+            _SIGTERM_RECEIVED.clear()
             self._previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
         return self
 
@@ -136,11 +141,16 @@ class _Handle(abc.ABC):
         if exc_type is None:
             self.end("FINISHED")
             return
-        status = "KILLED" if issubclass(exc_type, (Terminated, KeyboardInterrupt)) else "FAILED"
+        # The Terminated raised in the handler may have been replaced on its way up (an error raised by
+        # the library code it interrupted, e.g. a half-written file being closed): the flag still tells.
+        killed = issubclass(exc_type, (Terminated, KeyboardInterrupt)) or _SIGTERM_RECEIVED.is_set()
+        status = "KILLED" if killed else "FAILED"
         try:
             self.end(status)
         except TrackingError as end_exc:  # never mask the exception that is already propagating
             warnings.warn(f"could not mark run {status}: {end_exc}", TrackingWarning, stacklevel=2)
+        if _SIGTERM_RECEIVED.is_set() and not issubclass(exc_type, Terminated):
+            raise Terminated() from exc  # exit as SIGTERM does (143), not as the replacement error
 
     @abc.abstractmethod
     def end(self, status: str = "FINISHED") -> None:
