@@ -411,3 +411,39 @@ def test_experiments_are_model_training_experiments(store: str) -> None:
     commit = tags.get("mlflow.source.git.commit")  # absent only outside a git checkout
     assert tags["mlflow.source.name"] == ("remamber" if commit is None else
                                           f"remamber@{commit[:10]}" + ("+dirty" if tags["remamber.git_dirty"] == "true" else ""))
+
+
+_SIGTERM_DURING_SAVE = """
+import os, signal, sys, torch
+import remamber.engine.checkpoint as ck
+from remamber.tracking import Tracker, TrackingConfig
+real_save = torch.save
+def save_with_sigterm(obj, fh):
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+    real_save(obj, fh)
+ck.torch.save = save_with_sigterm
+run = Tracker(TrackingConfig(uri=sys.argv[1])).training_run("table1", "refcoco/twister/64", {})
+print(run.run_id, flush=True)
+with run:
+    ck.atomic_torch_save({"w": torch.arange(1000.0)}, sys.argv[2])
+    print("after save", flush=True)
+"""
+
+
+def test_sigterm_during_a_checkpoint_save_keeps_the_checkpoint(store: str, tmp_path: Path) -> None:
+    """SIGTERM is held back while a checkpoint is written: the file is complete, nothing after the save
+    runs, the run ends KILLED, exit 143."""
+    import subprocess
+    import sys
+
+    import torch
+
+    target = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_DURING_SAVE, store, str(target)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    run_id, *rest = proc.stdout.split("\n")
+    assert "after save" not in proc.stdout
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.arange(1000.0))
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    assert MlflowClient(store).get_run(run_id.strip()).info.status == "KILLED"
