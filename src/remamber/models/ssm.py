@@ -94,9 +94,12 @@ def scan_in_orders(module: nn.Module, u: torch.Tensor, orders: torch.Tensor) -> 
     dt_projs_weight: torch.Tensor = module.dt_projs_weight  # type: ignore[assignment]
     n = module.A_logs.shape[1]  # type: ignore[union-attr]
     r = dt_projs_weight.shape[2]
-    x_dbl = torch.einsum("bdl,kcd->bkcl", u, module.x_proj_weight)  # (B, K, R + 2N, L)
+    # matmuls whose outputs are already in the scan's layout (einsum would return permuted views that
+    # cost a full-size copy to reshape)
+    x_proj_weight: torch.Tensor = module.x_proj_weight  # type: ignore[assignment]
+    x_dbl = torch.matmul(x_proj_weight.reshape(-1, d), u).view(b, k, -1, length)  # (B, K, R + 2N, L)
     dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-    dts = torch.einsum("bkrl,kdr->bkdl", dts, dt_projs_weight)  # (B, K, D, L)
+    dts = torch.matmul(dt_projs_weight, dts)  # (K, D, R) @ (B, K, R, L) -> (B, K, D, L), contiguous
     return directional_selective_scan(
         u, dts.reshape(b, k * d, length),
         -torch.exp(module.A_logs.float()),  # type: ignore[union-attr]
