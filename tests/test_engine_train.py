@@ -142,6 +142,7 @@ train(sys.argv[1], "refcoco", "twister", {res}, sys.argv[2])
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, data_dirs):
+    from remamber.engine.jobs import model_config
     from remamber.models import build_model
 
     # global 4 = 2 per device x 2 processes x 1 accumulation, or x 1 process x 2 accumulation steps.
@@ -164,7 +165,7 @@ def test_ddp_two_processes_match_one(tmp_path, data_dirs):
     one, two = read_checkpoint(tmp_path / "single" / "last.pt"), read_checkpoint(tmp_path / "ddp" / "last.pt")
     assert two["meta"]["world_size"] == 2 and len(two["training"]["rng"]) == 2
     torch.manual_seed(cfg.train.seed)  # the initialisation train() starts from
-    model = build_model(cfg.model_config("twister"))
+    model = build_model(model_config(cfg, "twister"))
     params = [name for name, _ in model.named_parameters()]
     worst = max((one["model"][n] - two["model"][n]).abs().max().item() for n in params)
     print(f"DDP (2 gloo processes) vs 1 process, 2 steps: max |w1 - w2| = {worst:.2e}")
