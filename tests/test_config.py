@@ -15,6 +15,8 @@ DEMO = ROOT / "params" / "demo.yaml"
 
 def _write_variant(tmp_path, edit, name="demo.yaml"):
     raw = yaml.safe_load(DEMO.read_text())
+    # inline the shared matrix file so that edits can reach the tables
+    raw["experiments"]["tables"] = yaml.safe_load((DEMO.parent / raw["experiments"]["tables"]).read_text())["tables"]
     edit(raw)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -136,6 +138,7 @@ def test_hash_and_round_trip(tmp_path):
     reordered["train"]["lr_new"] = "1e-3"
     path = tmp_path / "reordered.yaml"
     path.write_text(yaml.safe_dump(reordered, sort_keys=True, default_flow_style=True))
+    (tmp_path / "matrix.yaml").write_text((DEMO.parent / "matrix.yaml").read_text())
     other = ExperimentConfig.from_yaml(path, check_model=False)
     assert other.train.lr_new == 1e-3
     assert other.config_hash() == cfg.config_hash()
@@ -183,3 +186,17 @@ def test_freeze_text_encoder_optional_key(tmp_path):
     jsonschema.validate(true.to_dict(), schema)
     with pytest.raises(jsonschema.ValidationError, match="freeze_text_encoder|'yes'"):
         jsonschema.validate(yaml.safe_load(bad.read_text()), schema)
+
+
+def test_paper_and_demo_share_one_matrix_file(tmp_path):
+    paper, demo = ExperimentConfig.from_yaml(PAPER), ExperimentConfig.from_yaml(DEMO)
+    assert yaml.safe_load(PAPER.read_text())["experiments"]["tables"] == "matrix.yaml"
+    assert yaml.safe_load(DEMO.read_text())["experiments"]["tables"] == "matrix.yaml"
+    assert paper.experiments.tables == demo.experiments.tables  # same matrix, other pixel sizes
+    assert [(j.dataset, j.variant) for j in paper.jobs()] == [(j.dataset, j.variant) for j in demo.jobs()]
+    assert demo.to_dict()["experiments"]["tables"]["table1"]["controls"]  # inlined: checkpoints are self-contained
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["experiments"]["tables"] = "nope.yaml"
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"x\.yaml: experiments\.tables: cannot read the matrix file .*nope\.yaml"):
+        ExperimentConfig.from_yaml(tmp_path / "x.yaml")

@@ -357,6 +357,26 @@ def _tables(value: Any, where: str) -> dict[str, TableSpec]:
 _EXPERIMENTS_SPEC: dict[str, Checker] = {"resolutions": _resolutions, "tables": _tables}
 
 
+def _include_matrix(raw: Any, path: Path) -> None:
+    """`experiments.tables: <file>` names a YAML file beside the params file that holds the tables (one
+    matrix shared by several configurations); replace the name by its content, in place."""
+    tables = raw.get("experiments", {}).get("tables") if isinstance(raw, dict) and \
+        isinstance(raw.get("experiments"), dict) else None
+    if not isinstance(tables, str):
+        return
+    matrix = path.parent / tables
+    where = f"{path}: experiments.tables"
+    try:
+        content = yaml.safe_load(matrix.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read the matrix file {matrix} ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: {matrix} is not valid YAML: {exc}") from exc
+    if not isinstance(content, dict) or not isinstance(content.get("tables"), dict):
+        raise ConfigError(f"{where}: {matrix} must hold a mapping 'tables: {{table1: ..., ...}}'")
+    raw["experiments"]["tables"] = content["tables"]
+
+
 def _section(checker_spec: dict[str, Checker], cls: type, defaults: dict[str, Any] | None = None) -> Checker:
     def check(value: Any, where: str) -> Any:
         return cls(**_check_keys(_mapping(value, where), checker_spec, where, defaults=defaults))
@@ -423,6 +443,7 @@ class ExperimentConfig:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        _include_matrix(raw, path)
         return cls.from_dict(raw, source=str(path), check_model=check_model)
 
     @classmethod

@@ -16,7 +16,7 @@ DATASETS = list(config["data"]["datasets"])
 REPORTS = "reports"  # generated, git-ignored; the committed demo outputs are in reports/reference/demo
 LOGS = f"logs/{NAME}"
 JOBS = {(j.dataset, j.variant, int(j.resolution)): j for j in EXP.jobs()}
-TABLES = list(config["experiments"]["tables"])
+TABLES = list(EXP.tables)
 # Real data is checked against the published counts; synthetic data against what its generator wrote.
 # A list: the rule quotes each element (`{params.counts:q}`), and an empty list adds nothing.
 EXPECTED_COUNTS = ["--expected-counts", "params/datasets.yaml"] if config["data"]["source"] == "download" else []
@@ -65,8 +65,8 @@ def index_meta(dataset):
 
 
 def table_spec(table):
-    spec = config["experiments"]["tables"][table]
-    return spec, config["experiments"]["resolutions"][spec["resolution"]]
+    spec = EXP.tables[table]  # the matrix as read by remamber.config (a shared matrix file resolved)
+    return spec, spec["resolution"]
 
 
 def table_metrics(wildcards):

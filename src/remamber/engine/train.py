@@ -38,6 +38,7 @@ from remamber.engine.evaluate import amp_dtype_for, score_loader
 from remamber.engine.optim import CosineEpochSchedule, ModelEMA, all_params, build_optimizer
 from remamber.models import build_model, dice_bce_loss
 
+TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory when the whole set fits (demo: ~70 MB)
 HISTORY_KEYS = ("epoch", "loss", "lr", "val_mIoU", "val_oIoU", "images_per_s", "seconds")
 TRACKED_KEYS = ("loss", "lr", "val_mIoU", "val_oIoU", "images_per_s")  # MLflow metrics, step = epoch
 OUTPUT_NAMES = ("last.pt", "best.pt", "history.json")
@@ -156,7 +157,9 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
 
     index_dir = Path(cfg.data.processed) / dataset
     data_root = Path(cfg.data.raw)
-    train_ds = RefSegDataset(index_dir, "train", "train", resolution, data_root, seed=tc.seed)
+    # no augmentation: small training sets (the CPU demo) keep their decoded images in memory
+    train_ds = RefSegDataset(index_dir, "train", "train", resolution, data_root, seed=tc.seed,
+                             cache_max_bytes=TRAIN_CACHE_BYTES)
     val_ds = RefSegDataset(index_dir, "val", "eval", resolution, data_root, seed=tc.seed,
                            max_items=tc.val_subset)
     check_images(index_dir, ["train", "val"], data_root)  # a missing val image fails now, not after an epoch
