@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 __all__ = [
-    "FUSIONS", "SCAN_ORDERS", "INTERACTIONS", "Variant", "VARIANTS", "variant_label",
+    "FUSIONS", "SCAN_ORDERS", "INTERACTIONS", "Variant", "VARIANTS", "register_variant", "variant_label",
     "DatasetFacts", "DATASETS", "SPLIT_BYS", "CONTROLS", "SHUFFLED_TEXT", "SHUFFLED_TEXT_VARIANT",
     "BASELINES", "TEXT_MODES",
 ]
@@ -46,7 +46,7 @@ class Variant:
         return out
 
 
-VARIANTS = MappingProxyType({v.name: v for v in (
+_VARIANTS = {v.name: v for v in (
     # Table 1: the fusion designs of Sec. 3.6 / Fig. 3
     Variant("attention", "attention", "Attention"),
     Variant("in_context", "in_context", "In-Context"),
@@ -60,7 +60,16 @@ VARIANTS = MappingProxyType({v.name: v for v in (
     # Table 4: text interactions
     Variant("global_only", "twister", "Image + Global", interaction="global_only"),
     Variant("local_only", "twister", "Image + Local", interaction="local_only"),
-)})
+)}
+VARIANTS = MappingProxyType(_VARIANTS)  # read-only, live: see register_variant
+
+
+def register_variant(variant: Variant) -> None:
+    """Add a row (a plug-in's or a test's variant; the paper's are above). Its fusion must be buildable:
+    `remamber.models.registry.register_fusion` for a new one."""
+    if variant.name in _VARIANTS:
+        raise ValueError(f"variant {variant.name!r} already exists")
+    _VARIANTS[variant.name] = variant
 
 
 def variant_label(name: str) -> str:

@@ -11,6 +11,7 @@ import yaml
 from remamber.models.backbone import BACKBONES
 from remamber.models.decoder import DECODERS
 from remamber.models.text import TEXT_ENCODERS
+from remamber.models.registry import FUSION_STAGES
 from remamber.vocabulary import FUSIONS, INTERACTIONS, SCAN_ORDERS
 from remamber.vocabulary import VARIANTS as VOCABULARY
 
@@ -57,7 +58,7 @@ class ModelConfig:
         choices = {
             "backbone": tuple(BACKBONES),
             "text_encoder": tuple(TEXT_ENCODERS),
-            "fusion": FUSIONS,
+            "fusion": tuple(FUSION_STAGES),  # the paper's FUSIONS and any registered one
             "scan_order": SCAN_ORDERS,
             "interaction": INTERACTIONS,
             "decoder": DECODERS,
@@ -120,16 +121,15 @@ class ModelConfig:
 
 
 # Names as in the paper's tables -> the ModelConfig fields that define them (the vocabulary's table).
-_VARIANT_FIELDS: dict[str, dict] = {name: v.fields for name, v in VOCABULARY.items()}
-VARIANTS: tuple[str, ...] = tuple(_VARIANT_FIELDS)
+VARIANTS = VOCABULARY  # a live view: a variant registered later (remamber.vocabulary.register_variant) is here too
 
 
 def variant_config(name: str, **overrides) -> ModelConfig:
     """The ModelConfig of variant `name` with `overrides` (ModelConfig fields, e.g. the `model:`
     section of params/*.yaml). An override may not redefine what the variant itself sets."""
-    if name not in _VARIANT_FIELDS:
+    if name not in VARIANTS:
         raise KeyError(f"unknown variant {name!r}; known variants: {list(VARIANTS)}")
-    defining = _VARIANT_FIELDS[name]
+    defining = VARIANTS[name].fields
     clash = {k: v for k, v in overrides.items() if k in defining and v != defining[k]}
     if clash:
         raise ValueError(f"variant {name!r} sets {sorted(clash)} itself; cannot override with {clash}")

@@ -15,7 +15,6 @@ import logging
 import torch
 from torch import nn
 
-from remamber.models.attention import AttentionStage
 from remamber.models.backbone import (
     LoadReport,
     VMambaBackbone,
@@ -25,11 +24,9 @@ from remamber.models.backbone import (
 )
 from remamber.models.config import ModelConfig
 from remamber.models.decoder import build_decoder, he_normal_fan_out_init
-from remamber.models.in_context import InContextStage
+from remamber.models.registry import FUSION_STAGES
 from remamber.models.layers import trunc_normal_init
-from remamber.models.norm_adaptation import NormAdaptationStage
 from remamber.models.text import TextEncoder, build_text_encoder
-from remamber.models.twisting import TwisterStage
 
 __all__ = ["ReMamber", "build_model", "INSPECT_KEYS"]
 
@@ -40,17 +37,7 @@ INSPECT_KEYS = ("interaction_maps", "attention_maps", "cube", "cube_after_channe
 
 
 def _fusion_stage(cfg: ModelConfig, dim: int, text_dim: int, ssm: dict) -> nn.Module:
-    if cfg.fusion == "twister":
-        return TwisterStage(
-            dim, text_dim, cfg.max_text_len, depth=cfg.fusion_depth, interaction=cfg.interaction,
-            local_dim=cfg.local_dim, scan_order=cfg.scan_order, grid=cfg.channel_scan_grid,
-            width=cfg.channel_scan_width, **ssm,
-        )
-    if cfg.fusion == "in_context":
-        return InContextStage(dim, text_dim, depth=cfg.fusion_depth, **ssm)
-    if cfg.fusion == "attention":
-        return AttentionStage(dim, text_dim, depth=cfg.fusion_depth, head_dim=cfg.attention_head_dim, **ssm)
-    return NormAdaptationStage(dim, text_dim, depth=cfg.fusion_depth, **ssm)
+    return FUSION_STAGES[cfg.fusion](cfg, dim, text_dim, ssm)
 
 
 class ReMamber(nn.Module):
