@@ -19,11 +19,11 @@ def _mode(path: Path) -> int:
 
 def _writers():
     """name -> function(folder) that writes one file through a project writer and returns its path."""
-    from remamber.data._io import atomic_write_bytes, atomic_write_json
+    from remamber.fileio import atomic_write_bytes, atomic_write_json
     from remamber.data.fetch import extract
     from remamber.data.manifest import write_manifest
     from remamber.engine import checkpoint, evaluate, inspect, predict, train
-    from remamber.reports import _io as reports_io
+    from remamber import fileio as reports_io
 
     def extracted(d: Path) -> Path:
         archive = d / "a.zip"
@@ -48,13 +48,11 @@ def _writers():
                                                                  d / "meta.json")[1],
         "data atomic_write_bytes (indices, images)": lambda d: (atomic_write_bytes(d / "x.parquet", b"1"),
                                                                d / "x.parquet")[1],
-        "reports write_text_atomic (tables)": lambda d: (reports_io.write_text_atomic(d / "t.tex", "x"), d / "t.tex")[1],
-        "reports write_with (figures)": lambda d: (reports_io.write_with(d / "f.png", lambda p: p.write_bytes(b"1")),
+        "reports write_text_atomic (tables)": lambda d: (reports_io.atomic_write_text(d / "t.tex", "x"), d / "t.tex")[1],
+        "reports write_with (figures)": lambda d: (reports_io.atomic_write_with(d / "f.png", lambda p: p.write_bytes(b"1")),
                                                    d / "f.png")[1],
         "engine atomic_torch_save (checkpoints)": lambda d: (checkpoint.atomic_torch_save({"a": 1}, d / "c.pt"),
                                                              d / "c.pt")[1],
-        "engine evaluate json (metrics)": lambda d: (evaluate._atomic_write_json({"a": 1}, d / "m.json"),
-                                                     d / "m.json")[1],
         "engine train json (history)": lambda d: (train._write_json_atomic({"a": 1}, d / "h.json"), d / "h.json")[1],
         "engine inspect npz": lambda d: (inspect._write_npz_atomic(d / "i.npz", {"a": np.zeros(2)}), d / "i.npz")[1],
         "engine predict png": lambda d: (predict._save_png_atomic(Image.new("RGB", (2, 2)), d / "p.png"),
@@ -81,7 +79,7 @@ def test_atomic_writers_honour_the_umask(tmp_path, umask):
             assert not leftovers, f"{name} left {leftovers}"
         assert not wrong, f"expected {oct(0o666 & ~umask)} under umask {oct(umask)}, got {wrong}"
         # folders an atomic writer creates for its file
-        from remamber.data._io import atomic_write_json
+        from remamber.fileio import atomic_write_json
         atomic_write_json(tmp_path / "new" / "deep" / "meta.json", {})
         assert _mode(tmp_path / "new") == _mode(tmp_path / "new" / "deep") == 0o777 & ~umask
     finally:

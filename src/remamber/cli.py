@@ -168,7 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     are scored (one process per model saves the start-up of one per split)."""
     import tempfile
 
-    from remamber.data._io import atomic_write_json
+    from remamber.fileio import atomic_write_json
     from remamber.engine.evaluate import evaluate
 
     def run(split: str, out: Path) -> dict:
@@ -204,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
-    from remamber.data._io import atomic_write_json
+    from remamber.fileio import atomic_write_json
     from remamber.engine.baselines import evaluate_baselines
 
     records = []

@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from remamber.data._io import atomic_write_json
+from remamber.fileio import atomic_write_json
 from remamber.data.catalog import DEFAULT_DATASETS_YAML, ArchiveSpec, load_catalog
 from remamber.errors import RemamberError
 

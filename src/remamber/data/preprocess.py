@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from remamber.data._io import atomic_open, atomic_write_json
+from remamber.fileio import atomic_open, atomic_write_json
 from remamber.data.catalog import COUNT_KEYS, CatalogError, load_catalog, parse_counts
 from remamber.vocabulary import DATASETS
 from remamber.data.refer import MASK_MODES, ReferError, load_refer

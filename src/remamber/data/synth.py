@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from remamber.data._io import atomic_write_bytes, atomic_write_json
+from remamber.fileio import atomic_write_bytes, atomic_write_json
 from remamber.vocabulary import DATASETS as VOCABULARY_DATASETS
 
 GENERATOR_VERSION = 1

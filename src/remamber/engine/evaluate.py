@@ -9,7 +9,6 @@ Protocols:
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from remamber.engine.checkpoint import file_sha256, load_model
 from remamber.engine.metrics import METRIC_KEYS, MetricAccumulator
 from remamber.errors import RemamberError
+from remamber.fileio import atomic_write_json
 
 PROTOCOLS = ("original", "input")
 
@@ -90,16 +90,6 @@ def score_loader(
     finally:
         model.train(was_training)
     return acc
-
-
-def _atomic_write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class DestinationError(RemamberError, ValueError):
@@ -179,7 +169,7 @@ def evaluate(
         # Provenance of what was scored (the training data's hash is the checkpoint's meta["data_hash"]).
         "index": str(index_dir), "index_data_hash": data_hash(index_dir),
     }
-    _atomic_write_json(record, out)
+    atomic_write_json(out, record)
     if tracking:
         # The control gets its own nested run beside the split's ordinary one.
         _track_eval(meta, split if text == "matched" else f"{split}-{text}-text", record, out, tracking_uri)

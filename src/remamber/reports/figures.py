@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from remamber.reports._io import write_with
+from remamber.fileio import atomic_write_with as write_with
 from remamber.formats import load_inspection
 from remamber.vocabulary import variant_label
 

@@ -24,7 +24,8 @@ import pandas as pd
 from remamber.errors import RemamberError
 from remamber.vocabulary import BASELINES, DATASETS, SHUFFLED_TEXT, SHUFFLED_TEXT_VARIANT, variant_label
 from remamber.reports import latex
-from remamber.reports._io import write_text_atomic, write_with
+from remamber.fileio import atomic_write_text as write_text_atomic
+from remamber.fileio import atomic_write_with as write_with
 from remamber.reports.paper_numbers import (
     TABLE1_LAYOUT,
     TABLE2_COLUMNS,
