@@ -145,13 +145,19 @@ from remamber.data.checks import (ImageFileError, MissingImageError, check_image
 from remamber.data.preprocess import IndexDataError, index_path  # noqa: E402
 
 
-def test_truncated_image_names_the_file(tiny, tmp_path):
+def _with_cut_image(tiny, tmp_path, keep):
+    """A copy of the raw data whose first val image is cut to keep(size) bytes: (index, dataset, image)."""
     idx, raw = tiny
     copy = tmp_path / "raw"
     shutil.copytree(raw, copy)
     ds = RefSegDataset(idx, "val", "eval", R, copy)
     victim = copy / ds[0]["image_path"]
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a cut download
+    victim.write_bytes(victim.read_bytes()[: keep(victim.stat().st_size)])
+    return idx, ds, victim
+
+
+def test_truncated_image_names_the_file(tiny, tmp_path):
+    idx, ds, victim = _with_cut_image(tiny, tmp_path, keep=lambda size: size // 2)  # a cut download
     with pytest.raises(ImageFileError, match=rf"{victim.name}: image of ref_id \d+ cannot be read \(image file is "
                                              rf"truncated"):
         ds[0]
@@ -249,12 +255,7 @@ def test_worker_errors_reach_the_cli_as_the_original_message(tiny, tmp_path):
     """torch folds a worker's traceback into the message it re-raises; the CLI keeps the original line."""
     from remamber.cli import _user_message
 
-    idx, raw = tiny
-    copy = tmp_path / "raw"
-    shutil.copytree(raw, copy)
-    ds = RefSegDataset(idx, "val", "eval", R, copy)
-    victim = copy / ds[0]["image_path"]
-    victim.write_bytes(victim.read_bytes()[:200])
+    idx, ds, victim = _with_cut_image(tiny, tmp_path, keep=lambda size: 200)
     with pytest.raises(ImageFileError) as info:
         list(DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_batch))
     assert "Original Traceback" in str(info.value)
