@@ -2,15 +2,16 @@
 #   snakemake --cores all                                   # embedded default: params/demo.yaml, CPU, minutes
 #   snakemake --cores all --use-conda --profile workflow/profiles/gpu reports/table2.tex   # the paper
 # Every rule calls the `remamber` CLI; the experiment matrix lives in params/*.yaml only.
-from snakemake.utils import min_version, validate
+# The params file is checked by remamber.config (workflow/rules/common.smk reads it), the one validator
+# of params files; workflow/schemas/config.schema.yaml is generated from it for editors and other tools.
+# `--config reports=DIR` (a workflow option, not a parameter) puts the rendered reports in DIR instead of
+# reports/ (the DVC pipeline of the paper, dvc/paper/dvc.yaml, writes reports/paper).
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "params/demo.yaml"
-
-
-validate(config, schema="workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"

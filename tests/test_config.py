@@ -200,3 +200,58 @@ def test_paper_and_demo_share_one_matrix_file(tmp_path):
     (tmp_path / "x.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"x\.yaml: experiments\.tables: cannot read the matrix file .*nope\.yaml"):
         ExperimentConfig.from_yaml(tmp_path / "x.yaml")
+
+
+def test_schema_file_is_generated_from_the_one_validator():
+    """workflow/schemas/config.schema.yaml is `python -m remamber.config`'s output: the same rules as
+    remamber.config, not a second hand-written copy (regenerate it after changing a checker)."""
+    import subprocess
+    import sys
+
+    import jsonschema
+
+    from remamber.config import json_schema
+
+    committed = (ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text()
+    generated = subprocess.run([sys.executable, "-m", "remamber.config"], check=True, capture_output=True,
+                               text=True).stdout
+    assert committed == generated, "regenerate: python -m remamber.config > workflow/schemas/config.schema.yaml"
+    schema = yaml.safe_load(committed)
+    assert schema == json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for path in (PAPER, DEMO):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)  # as written (matrix file named)
+        jsonschema.validate(ExperimentConfig.from_yaml(path).to_dict(), schema)  # normalised (matrix inlined)
+
+
+@pytest.mark.parametrize(
+    "edit, pattern",
+    [
+        (lambda r: r.__setitem__("name", "my run"), r"demo\.yaml: name: 'my run' does not match"),
+        (lambda r: r["experiments"]["tables"]["table1"].__setitem__("controls", ["shuffled"]),
+         r"experiments\.tables\.table1\.controls: unknown control 'shuffled'"),
+        (lambda r: r["data"]["datasets"]["refcoco"].__setitem__("splits", ["train", "val"]),
+         r"data\.datasets\.refcoco\.splits: lists the evaluated splits"),
+        (lambda r: r["tracking"].__setitem__("uri", 3), r"tracking\.uri: expected a non-empty string, got 3"),
+    ],
+)
+def test_validator_and_generated_schema_refuse_the_same_files(tmp_path, edit, pattern):
+    import jsonschema
+
+    from remamber.config import json_schema
+
+    path = _write_variant(tmp_path, edit)
+    with pytest.raises(ConfigError, match=pattern):
+        ExperimentConfig.from_yaml(path, check_model=False)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(yaml.safe_load(path.read_text()), json_schema())
+
+
+def test_tracking_section_is_the_arguments_of_the_one_tracking_class():
+    from remamber.tracking import TrackingConfig
+
+    cfg = ExperimentConfig.from_yaml(DEMO, check_model=False)
+    assert TrackingConfig(**cfg.tracking) == TrackingConfig.from_dict(yaml.safe_load(DEMO.read_text())["tracking"])
+    import remamber.config
+
+    assert not hasattr(remamber.config, "TrackingSection")

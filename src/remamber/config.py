@@ -1,5 +1,12 @@
 """Experiment configuration: strict, typed reading of params/*.yaml and the experiment matrix.
 
+This module is the one check of a params file's shape: every value is read by a checker below, which
+also carries its JSON-schema fragment, so `workflow/schemas/config.schema.yaml` is generated from it
+(`python -m remamber.config > workflow/schemas/config.schema.yaml`; a test keeps the file current) and
+never restates a rule by hand. Cross-references (a table's datasets and resolution key, batch sizes) are
+checked once, in `ExperimentConfig._check_cross_references`. Every message is one line naming the file,
+the key path and the value.
+
 This module imports neither torch nor the model code (it sits below `engine`, beside `models`), so
 Snakemake and `remamber report` read the matrix quickly. Variant names are checked against the ground
 floor's vocabulary; the `model:` section's values are checked where a model is built
@@ -15,6 +22,7 @@ import copy
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +38,6 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "EvaluateConfig",
-    "TrackingSection",
     "TableSpec",
     "ExperimentsConfig",
     "TrainingJob",
@@ -44,9 +51,27 @@ class ConfigError(RemamberError, ValueError):
 
 # --------------------------------------------------------------------------- value checkers
 # Each checker takes (value, where) and returns the normalised value or raises ConfigError; `where` is the
-# "file: key.path" prefix used in every message.
+# "file: key.path" prefix used in every message. Its `schema` attribute is the same rule as a JSON-schema
+# fragment (what `json_schema()` assembles).
 
 Checker = Callable[[Any, str], Any]
+
+
+def _schema(fragment: dict[str, Any]) -> Callable[[Checker], Checker]:
+    def attach(check: Checker) -> Checker:
+        check.schema = fragment  # type: ignore[attr-defined]
+        return check
+
+    return attach
+
+
+def _bounds(minimum: float | None, maximum: float | None = None, open_min: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if minimum is not None:
+        out["exclusiveMinimum" if open_min else "minimum"] = minimum
+    if maximum is not None:
+        out["maximum"] = maximum
+    return out
 
 
 def _fail(where: str, message: str) -> None:
@@ -54,6 +79,7 @@ def _fail(where: str, message: str) -> None:
 
 
 def _as_int(minimum: int | None = None) -> Checker:
+    @_schema({"type": "integer", **_bounds(minimum)})
     def check(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(where, f"expected an integer, got {value!r} ({type(value).__name__})")
@@ -65,6 +91,7 @@ def _as_int(minimum: int | None = None) -> Checker:
 
 
 def _as_float(minimum: float | None = None, maximum: float | None = None, open_min: bool = False) -> Checker:
+    @_schema({"type": "number", **_bounds(minimum, maximum, open_min)})
     def check(value: Any, where: str) -> float:
         # PyYAML reads `1e-4` (no dot) as a string: accept a numeric string, since that is a YAML quirk,
         # not a user mistake.
@@ -87,30 +114,44 @@ def _as_float(minimum: float | None = None, maximum: float | None = None, open_m
     return check
 
 
+@_schema({"type": "boolean"})
 def _as_bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         _fail(where, f"expected true or false, got {value!r}")
     return value
 
 
-def _as_str(choices: tuple[str, ...] | None = None) -> Checker:
+def _as_str(choices: tuple[str, ...] | None = None, pattern: str | None = None) -> Checker:
+    fragment: dict[str, Any] = {"enum": list(choices)} if choices is not None else {"type": "string", "minLength": 1}
+    if pattern is not None:
+        fragment["pattern"] = f"^{pattern}$"
+
+    @_schema(fragment)
     def check(value: Any, where: str) -> str:
         if not isinstance(value, str) or not value:
             _fail(where, f"expected a non-empty string, got {value!r}")
         if choices is not None and value not in choices:
             _fail(where, f"{value!r} is not one of {', '.join(choices)}")
+        if pattern is not None and not re.fullmatch(pattern, value):
+            _fail(where, f"{value!r} does not match {pattern}")
         return value
 
     return check
 
 
 def _optional(inner: Checker) -> Checker:
+    @_schema({"anyOf": [inner.schema, {"type": "null"}]})  # type: ignore[attr-defined]
     def check(value: Any, where: str) -> Any:
         return None if value is None else inner(value, where)
 
     return check
 
 
+def _list_schema(items: dict[str, Any], min_items: int) -> dict[str, Any]:
+    return {"type": "array", "minItems": min_items, "uniqueItems": True, "items": items}
+
+
+@_schema(_list_schema(_as_str().schema, 1))  # type: ignore[attr-defined]
 def _as_str_list(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         _fail(where, f"expected a non-empty list of names, got {value!r}")
@@ -120,11 +161,13 @@ def _as_str_list(value: Any, where: str) -> tuple[str, ...]:
     return names
 
 
+@_schema(_list_schema(_as_str().schema, 0))  # type: ignore[attr-defined]
 def _as_name_list(value: Any, where: str) -> tuple[str, ...]:
     """Like _as_str_list, but an empty list is fine."""
     return () if value == [] else _as_str_list(value, where)
 
 
+@_schema({"type": "array", "minItems": 2, "maxItems": 2, "items": _as_float(0.0, 1.0).schema})  # type: ignore[attr-defined]
 def _as_betas(value: Any, where: str) -> tuple[float, float]:
     if not isinstance(value, list) or len(value) != 2:
         _fail(where, f"expected a list of two numbers, got {value!r}")
@@ -219,15 +262,6 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
-class TrackingSection:
-    """The `tracking:` section; the engine hands `to_dict()` of it to `remamber.tracking.TrackingConfig`."""
-
-    enabled: bool
-    uri: str | None
-    on_error: str
-
-
-@dataclass(frozen=True)
 class TableSpec:
     resolution: str  # a key of experiments.resolutions
     datasets: tuple[str, ...]
@@ -259,16 +293,36 @@ class TrainingJob:
 
 SPLIT_BY = SPLIT_BYS
 PROTOCOLS = ("original", "input")
+NAME_PATTERN = r"[A-Za-z0-9_-]+"
 
 
+def _object_schema(spec: dict[str, Checker], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON schema of a mapping read by `_check_keys(raw, spec, ..., defaults=defaults)`."""
+    return {"type": "object", "additionalProperties": False,
+            "required": [k for k in spec if k not in (defaults or {})],
+            "properties": {k: check.schema for k, check in spec.items()}}  # type: ignore[attr-defined]
+
+
+def _map_schema(values: Checker, keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A non-empty mapping of free names (`keys`: their schema) to values read by `values`."""
+    return {"type": "object", "minProperties": 1, "propertyNames": keys or {"minLength": 1},
+            "additionalProperties": values.schema}  # type: ignore[attr-defined]
+
+
+_DATASET_SPEC: dict[str, Checker] = {"split_by": _as_str(SPLIT_BY), "splits": _as_str_list}
+
+
+@_schema(_object_schema(_DATASET_SPEC) | {"not": {"properties": {"splits": {"contains": {"const": "train"}}},
+                                                  "required": ["splits"]}})
 def _dataset_spec(value: Any, where: str) -> DatasetSpec:
     raw = _mapping(value, where)
-    got = _check_keys(raw, {"split_by": _as_str(SPLIT_BY), "splits": _as_str_list}, where)
+    got = _check_keys(raw, _DATASET_SPEC, where)
     if "train" in got["splits"]:
         _fail(_join(where, "splits"), "lists the evaluated splits; 'train' is not one")
     return DatasetSpec(**got)
 
 
+@_schema(_map_schema(_dataset_spec))
 def _datasets(value: Any, where: str) -> dict[str, DatasetSpec]:
     raw = _mapping(value, where)
     if not raw:
@@ -320,6 +374,8 @@ _EVALUATE_SPEC: dict[str, Checker] = {
     "num_workers": _as_int(0),
 }
 
+# The keyword arguments of remamber.tracking.TrackingConfig (the one class of this section; `tracking`
+# sits beside `config`, so neither imports the other: the engine joins them).
 _TRACKING_SPEC: dict[str, Checker] = {
     "enabled": _as_bool,
     "uri": _optional(_as_str()),
@@ -327,6 +383,7 @@ _TRACKING_SPEC: dict[str, Checker] = {
 }
 
 
+@_schema(_map_schema(_as_int(8)))
 def _resolutions(value: Any, where: str) -> dict[str, int]:
     raw = _mapping(value, where)
     if not raw:
@@ -334,19 +391,34 @@ def _resolutions(value: Any, where: str) -> dict[str, int]:
     return {_as_str()(k, where): _as_int(8)(v, _join(where, k)) for k, v in raw.items()}
 
 
+@_schema(_list_schema({"enum": list(CONTROLS)}, 0))
+def _controls(value: Any, where: str) -> tuple[str, ...]:
+    names = _as_name_list(value, where)
+    for control in names:
+        if control not in CONTROLS:
+            _fail(where, f"unknown control {control!r}; choose from {list(CONTROLS)}")
+    return names
+
+
+# resolution: a key of experiments.resolutions, datasets: keys of data.datasets, variants: rows of the
+# vocabulary (cross-references, checked by ExperimentConfig once the whole file is read)
+_TABLE_SPEC: dict[str, Checker] = {"resolution": _as_str(), "datasets": _as_str_list, "variants": _as_str_list,
+                                   "controls": _controls}
+_TABLE_DEFAULTS: dict[str, Any] = {"controls": ()}
+
+
+@_schema(_object_schema(_TABLE_SPEC, _TABLE_DEFAULTS))
 def _table(value: Any, where: str) -> TableSpec:
     raw = _mapping(value, where)
-    got = _check_keys(raw, {"resolution": _as_str(), "datasets": _as_str_list, "variants": _as_str_list,
-                            "controls": _as_name_list}, where, defaults={"controls": ()})
-    for control in got["controls"]:
-        if control not in CONTROLS:
-            _fail(_join(where, "controls"), f"unknown control {control!r}; choose from {list(CONTROLS)}")
+    got = _check_keys(raw, _TABLE_SPEC, where, defaults=_TABLE_DEFAULTS)
     if SHUFFLED_TEXT in got["controls"] and SHUFFLED_TEXT_VARIANT not in got["variants"]:
         _fail(_join(where, "controls"), f"{SHUFFLED_TEXT!r} evaluates the table's {SHUFFLED_TEXT_VARIANT!r}, "
                                         f"which is not among its variants {list(got['variants'])}")
     return TableSpec(**got)
 
 
+# In a params file, `tables` may also name the shared matrix file (resolved before checking).
+@_schema({"anyOf": [{"type": "string", "minLength": 1}, _map_schema(_table)]})
 def _tables(value: Any, where: str) -> dict[str, TableSpec]:
     raw = _mapping(value, where)
     if not raw:
@@ -377,13 +449,19 @@ def _include_matrix(raw: Any, path: Path) -> None:
     raw["experiments"]["tables"] = content["tables"]
 
 
-def _section(checker_spec: dict[str, Checker], cls: type, defaults: dict[str, Any] | None = None) -> Checker:
+def _section(checker_spec: dict[str, Checker], cls: type | None, defaults: dict[str, Any] | None = None) -> Checker:
+    """A mapping of fixed keys, read into `cls` (None: kept as a dict)."""
+    @_schema(_object_schema(checker_spec, defaults))
     def check(value: Any, where: str) -> Any:
-        return cls(**_check_keys(_mapping(value, where), checker_spec, where, defaults=defaults))
+        got = _check_keys(_mapping(value, where), checker_spec, where, defaults=defaults)
+        return got if cls is None else cls(**got)
 
     return check
 
 
+@_schema({"type": "object", "propertyNames": {"minLength": 1},
+          "description": "remamber.models.ModelConfig fields applied to every variant (checked where a model "
+                         "is built: remamber.engine.jobs.model_config)"})
 def _model_section(value: Any, where: str) -> dict[str, Any]:
     # Shape only here; the field names and values are checked by ModelConfig (validate_model).
     raw = _mapping(value, where)
@@ -393,15 +471,26 @@ def _model_section(value: Any, where: str) -> dict[str, Any]:
 
 
 _TOP_SPEC: dict[str, Checker] = {
-    "name": _as_str(),
+    "name": _as_str(pattern=NAME_PATTERN),  # part of paths and MLflow run keys
     "results": _as_str(),
     "data": _section(_DATA_SPEC, DataConfig, _DATA_DEFAULTS),
     "model": _model_section,
     "train": _section(_TRAIN_SPEC, TrainConfig, _TRAIN_DEFAULTS),
     "evaluate": _section(_EVALUATE_SPEC, EvaluateConfig),
-    "tracking": _section(_TRACKING_SPEC, TrackingSection),
+    "tracking": _section(_TRACKING_SPEC, None),
     "experiments": _section(_EXPERIMENTS_SPEC, ExperimentsConfig),
 }
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a params file, assembled from the checkers above: the same rules, for editors and
+    other tools (workflow/schemas/config.schema.yaml is this, written by `python -m remamber.config`).
+    Cross-references and the variant names are checked by ExperimentConfig only."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "remamber params file (params/paper.yaml, params/demo.yaml)",
+            "description": "Generated by `python -m remamber.config` from remamber.config, the one validator "
+                           "of params files (which also checks cross-references); do not edit by hand.",
+            **_object_schema(_TOP_SPEC)}
 
 
 def _plain(value: Any) -> Any:
@@ -426,7 +515,7 @@ class ExperimentConfig:
     model: dict[str, Any]  # ModelConfig overrides applied to every variant
     train: TrainConfig
     evaluate: EvaluateConfig
-    tracking: TrackingSection
+    tracking: dict[str, Any]  # {enabled, uri, on_error}: the arguments of remamber.tracking.TrackingConfig
     experiments: ExperimentsConfig
     source: str = field(default="<dict>", compare=False)  # the file it came from, for messages
 
@@ -571,3 +660,14 @@ class ExperimentConfig:
                     del d[section][key]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+if __name__ == "__main__":  # python -m remamber.config > workflow/schemas/config.schema.yaml
+    import sys
+
+    sys.stdout.write("# Generated by `python -m remamber.config`: do not edit (tests/test_config.py checks it).\n")
+    class _NoAliases(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    yaml.dump(json_schema(), sys.stdout, Dumper=_NoAliases, sort_keys=False, width=110)

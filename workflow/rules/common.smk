@@ -1,36 +1,46 @@
 # Helpers only: paths, the experiment matrix (from remamber.config, never restated here) and launchers.
 import os
+import re
 
 from remamber.config import ExperimentConfig
 
 # The CLI re-reads the same params file, so every job sees exactly what Snakemake validated. Snakemake
 # lists a --configfile given on the command line before the Snakefile's default (params/demo.yaml), and
-# the command line's wins: that is the one. One params file per run (overrides go into a params file).
+# the command line's wins: that is the one. One params file per run (overrides go into a params file);
+# the rules read its values from EXP (checked, defaults filled in), never from `config` directly.
 CONFIGFILE = os.path.relpath(workflow.configfiles[0])
 EXP = ExperimentConfig.from_yaml(CONFIGFILE, check_model=False)
-NAME = config["name"]
-RESULTS = config["results"]
-RAW = config["data"]["raw"]
-PROCESSED = config["data"]["processed"]
-DATASETS = list(config["data"]["datasets"])
-REPORTS = "reports"  # generated, git-ignored; the committed demo outputs are in reports/reference/demo
+NAME = EXP.name
+RESULTS = EXP.results
+DATA = EXP.data
+RAW = DATA.raw
+PROCESSED = DATA.processed
+DATASETS = list(DATA.datasets)
+# generated, git-ignored; the committed demo outputs are in reports/reference/demo
+REPORTS = str(config.get("reports") or "reports").rstrip("/")
 LOGS = f"logs/{NAME}"
 JOBS = {(j.dataset, j.variant, int(j.resolution)): j for j in EXP.jobs()}
 TABLES = list(EXP.tables)
 # Real data is checked against the published counts; synthetic data against what its generator wrote.
 # A list: the rule quotes each element (`{params.counts:q}`), and an empty list adds nothing.
-EXPECTED_COUNTS = ["--expected-counts", "params/datasets.yaml"] if config["data"]["source"] == "download" else []
+EXPECTED_COUNTS = ["--expected-counts", "params/datasets.yaml"] if DATA.source == "download" else []
 
+
+def _one_of(names):
+    return "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+
+
+# From the matrix: a wildcard matches the configured names only.
 wildcard_constraints:
-    dataset="refcoco|refcoco\\+|refcocog",
-    variant="[a-z_]+",
+    dataset=_one_of(DATASETS),
+    variant=_one_of({j.variant for j in EXP.jobs()}),
     res="[0-9]+",
-    split="[A-Za-z]+",
-    table="table[1-4]",
+    split=_one_of({s for d in DATA.datasets.values() for s in d.splits}),
+    table=_one_of(TABLES),
 
 
 def splits(dataset):
-    return config["data"]["datasets"][dataset]["splits"]
+    return list(DATA.datasets[dataset].splits)
 
 
 def model_dir(dataset, variant, res):

@@ -1,13 +1,13 @@
 # Data: synthesise (demo) or fetch + verify + extract (real), then one parquet index per dataset.
 
-if config["data"]["source"] == "synthetic":
+if DATA.source == "synthetic":
 
     rule synth:
         output:
             f"{RAW}/MANIFEST.json",
         params:
-            seed=config["data"].get("synth_seed", 0),
-            size=config["data"].get("synth_size") or "demo",
+            seed=DATA.synth_seed,
+            size=DATA.synth_size or "demo",
         conda:
             "../envs/remamber.yaml"
         log:
@@ -56,9 +56,9 @@ rule preprocess:
         index_meta("{dataset}"),
     params:
         out=lambda wc: f"{PROCESSED}/{wc.dataset}",
-        split_by=lambda wc: config["data"]["datasets"][wc.dataset]["split_by"],
-        mask_mode=config["data"].get("mask_mode", "union"),
-        text_field=config["data"].get("text_field", "raw"),
+        split_by=lambda wc: DATA.datasets[wc.dataset].split_by,
+        mask_mode=DATA.mask_mode,
+        text_field=DATA.text_field,
         counts=EXPECTED_COUNTS,
     conda:
         "../envs/remamber.yaml"

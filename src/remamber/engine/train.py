@@ -389,10 +389,9 @@ def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, meta:
     metrics under this key is superseded rather than mixed with the new ones."""
     from remamber.tracking import NoOpRun, Tracker, TrackingConfig
 
-    if not info.is_main or not cfg.tracking.enabled:
+    if not info.is_main or not cfg.tracking["enabled"]:
         return NoOpRun()
-    tracker = Tracker(TrackingConfig.from_dict({"enabled": cfg.tracking.enabled, "uri": uri or cfg.tracking.uri,
-                                                "on_error": cfg.tracking.on_error}))
+    tracker = Tracker(TrackingConfig(**{**cfg.tracking, "uri": uri or cfg.tracking["uri"]}))
     tags = {"remamber.config_hash": meta["config_hash"], "remamber.data_hash": meta["data_hash"],
             "remamber.dataset": meta["dataset"], "remamber.variant": meta["variant"],
             "remamber.resolution": meta["resolution"], "remamber.tables": ",".join(tables),

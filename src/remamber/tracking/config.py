@@ -1,4 +1,8 @@
-"""The `tracking:` section of params/*.yaml."""
+"""Where and whether MLflow tracking happens: the one class of the `tracking:` section of params/*.yaml.
+
+`remamber.config` checks the section's shape with the rest of the params file and keeps it as a dict of
+this class's arguments; the engine builds the class from it (`tracking` and `config` sit side by side, so
+neither imports the other). The checks below guard direct use of the class (tests, scripts)."""
 
 from __future__ import annotations
 
