@@ -16,7 +16,8 @@ from remamber.engine.checkpoint import file_sha256, load_model
 from remamber.engine.evaluate import evaluate
 from remamber.engine.predict import predict
 from remamber.data.preprocess import data_hash
-from remamber.engine.train import out_dir_id, train
+from remamber.engine.jobs import out_dir_id
+from remamber.engine.train import train
 
 RES = 32
 CONTRACT_KEYS = {"dataset", "variant", "resolution", "split", "protocol", "n", "oIoU", "mIoU", "prec@50",
@@ -76,7 +77,7 @@ def _calibrated_copy(best: Path, root: Path) -> Path:
         logits = model(torch.stack([it["image"] for it in items]), ids, am)
         head = dict(model.named_parameters())["decoder.head.bias"]
         head -= logits.median()
-    path = root / "calibrated.pt"
+    path = best.parent / "calibrated.pt"  # beside best.pt: its evaluations belong to that training's run
     save_checkpoint(path, model, meta)
     return path
 

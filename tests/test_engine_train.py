@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import remamber.engine.train as train_module
+from remamber.engine.jobs import out_dir_id
 from remamber.config import ExperimentConfig
 from remamber.engine.checkpoint import CheckpointError, load_model, read_checkpoint
 
@@ -281,7 +282,7 @@ def test_frozen_text_encoder_checkpoints_resume_exactly_and_mlflow_replays(tmp_p
     client, runs = _runs(uri)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     killed_run = next(r for r in runs if r.data.tags["remamber.run_key"].endswith(
-        train_module.out_dir_id(killed)))
+        out_dir_id(killed)))
     for key in train_module.TRACKED_KEYS:
         logged = [(m.step, m.value) for m in client.get_metric_history(killed_run.info.run_id, key)]
         assert sorted(logged) == [(h["epoch"], h[key]) for h in history], key
@@ -336,7 +337,7 @@ def test_finished_training_is_not_overwritten_without_flag(tmp_path, data_dirs):
     for run in runs:  # every run: epoch 1 once
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
     keys = {r.data.tags.get("remamber.run_key") for r in runs} - {None}
-    assert keys == {f"enginetest/refcoco/twister/{RES}@{train_module.out_dir_id(p)}" for p in (out, tmp_path / "b")}
+    assert keys == {f"enginetest/refcoco/twister/{RES}@{out_dir_id(p)}" for p in (out, tmp_path / "b")}
 
 
 def test_cli_train_errors_are_one_line(tmp_path, data_dirs, capsys):

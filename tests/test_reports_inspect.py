@@ -14,7 +14,8 @@ from remamber.data.datasets import RefSegDataset
 from remamber.data.preprocess import preprocess
 from remamber.data.synth import write_synthetic
 from remamber.engine.checkpoint import load_model, save_checkpoint
-from remamber.engine.inspect import dump_inspection, load_inspection, select_items
+from remamber.engine.inspect import dump_inspection, select_items
+from remamber.formats import load_inspection
 from remamber.models import build_model, variant_config
 from remamber.reports import figures
 

@@ -98,15 +98,22 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 @contextlib.contextmanager
 def _sigterm_deferred():
     """Hold SIGTERM back while a checkpoint is written (a second or so): delivered right after, so a
-    stopped job keeps the checkpoint it was writing, and torch's writer is never interrupted mid-file."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    stopped job keeps the checkpoint it was writing, and torch's writer is never interrupted mid-file.
+
+    A Python-level hold, not a thread signal mask: a process-directed SIGTERM may be taken by any thread
+    that does not block it (MLflow's, a data loader's), and its handler then runs in the main thread
+    anyway. Here the handler only records it; the previous handler gets it once the file is in place."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if received:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from remamber.engine.checkpoint import file_sha256, load_model
+from remamber.engine.jobs import tracking_key
 from remamber.engine.metrics import METRIC_KEYS, MetricAccumulator
 from remamber.errors import RemamberError
 from remamber.fileio import atomic_write_json
@@ -184,9 +185,10 @@ def _track_eval(meta: dict[str, Any], split: str, record: dict[str, Any], out: P
     stored = meta["config"].get("tracking") or {}
     tracker = Tracker(TrackingConfig(enabled=bool(stored.get("enabled", True)), uri=uri,
                                      on_error="warn" if stored.get("on_error") == "warn" else "fail"))
-    # tracking_key: the training's run (run key @ output folder); older checkpoints have the run key only.
-    run_key = meta.get("tracking_key") or meta.get("run_key") or \
-        f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/{meta['resolution']}"
+    # the training's run: run key @ the checkpoint's folder (where it was trained)
+    run_key = tracking_key(meta.get("run_key") or
+                           f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/{meta['resolution']}",
+                           Path(record["checkpoint"]).parent)
     experiment = meta.get("experiment") or "default"
     params = {"split": split, "protocol": record["protocol"], "checkpoint": record["checkpoint"]}
     tags = {"remamber.checkpoint_sha256": record["checkpoint_sha256"], "remamber.split": split,

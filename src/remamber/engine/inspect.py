@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 from remamber.engine.checkpoint import load_model
 from remamber.fileio import temp_file_beside
-from remamber.formats import load_inspection  # noqa: F401  (the dump's reader lives with the format)
 
 CUBE_KEYS = ("cube", "cube_after_channel", "cube_after_spatial")
 MAP_KEYS = ("interaction_maps", "attention_maps")
