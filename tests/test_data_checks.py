@@ -126,7 +126,7 @@ def test_multi_split_evaluation_checks_every_split_before_scoring_any(data, tmp_
     victim = sorted(set(pd.read_parquet(processed / "refcoco" / "testB.parquet").image_path) - used)[0]
     (copy / victim).unlink()
     scored = []
-    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: scored.append(a[1]))
+    monkeypatch.setattr(evaluate_module, "score_loader", lambda *a, **k: scored.append(a[1]))
     rc = main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--split", "val", "testB",
                "--index-dir", str(processed / "refcoco"), "--data-root", str(copy), "--out", str(tmp_path / "m.json")])
     assert rc == 2 and scored == []  # val was not scored only to fail on testB

@@ -162,17 +162,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """One split: OUT is that split's record. Several: OUT is the list of their records, written once all
-    are scored (one process per model saves the start-up of one per split)."""
+    are scored (one process per model, which is built once: that saves the start-up of one per split)."""
     import tempfile
 
     from remamber.fileio import atomic_write_json
-    from remamber.engine.evaluate import evaluate
+    from remamber.engine.evaluate import evaluate_splits
 
-    def run(split: str, out: Path) -> dict:
-        return evaluate(
+    def run(outs: dict[str, Path]) -> list[dict]:
+        return evaluate_splits(
             args.checkpoint,
-            split,
-            out,
+            outs,
             index_dir=args.index_dir,
             data_root=args.data_root,
             protocol=args.protocol,
@@ -184,17 +183,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         )
 
     if len(args.split) == 1:
-        print(json.dumps(run(args.split[0], args.out), indent=1, sort_keys=True))
+        print(json.dumps(run({args.split[0]: args.out})[0], indent=1, sort_keys=True))
         return
     if len(set(args.split)) != len(args.split):
         raise CLIError(f"--split lists a split twice: {args.split}")
-    if args.index_dir is not None and args.data_root is not None:  # (else each split checks its own)
-        from remamber.data.checks import check_images
-
-        check_images(args.index_dir, args.split, args.data_root)  # a missing testB image: before val is scored
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out.parent, prefix=f".{args.out.name}.") as tmp:
-        records = [run(split, Path(tmp) / f"{split}.json") for split in args.split]
+        records = run({split: Path(tmp) / f"{split}.json" for split in args.split})
     atomic_write_json(args.out, records)
     for r in records:
         print(f"{r['split']:6s} mIoU {r['mIoU']:5.1f}  oIoU {r['oIoU']:5.1f}  prec@50 {r['prec@50']:5.1f}  ({r['text']} text)")

@@ -128,6 +128,26 @@ def evaluate(
     The MLflow store is `tracking_uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db: never the one named in
     the checkpoint, which is a file being read, not the user's choice.
     """
+    [record] = evaluate_splits(checkpoint, {split: out}, index_dir=index_dir, data_root=data_root,
+                               protocol=protocol, batch_size=batch_size, num_workers=num_workers,
+                               tracking=tracking, text=text, tracking_uri=tracking_uri)
+    return record
+
+
+def evaluate_splits(
+    checkpoint: str | Path,
+    outs: dict[str, str | Path],
+    index_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    protocol: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    tracking: bool = True,
+    text: str = "matched",
+    tracking_uri: str | None = None,
+) -> list[dict[str, Any]]:
+    """`evaluate` for several splits ({split: out}) of one checkpoint: the model is built and the MLflow
+    store opened once (at the demo's scale they cost more than scoring a split). Records in `outs` order."""
     from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
     from remamber.data.preprocess import data_hash
@@ -135,8 +155,12 @@ def evaluate(
     if batch_size is not None and batch_size < 1:  # 0 used to fall back to the config's silently
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     checkpoint = Path(checkpoint)
-    out = Path(out)
-    _check_destination(out)
+    outs = {split: Path(out) for split, out in outs.items()}
+    for out in outs.values():
+        _check_destination(out)
+    images_checked = index_dir is not None and data_root is not None
+    if images_checked:  # every missing image named before the model is built and any split scored
+        check_images(index_dir, list(outs), data_root)
     model, meta = load_model(checkpoint, map_location="cpu")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -148,43 +172,51 @@ def evaluate(
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     index_dir = Path(index_dir) if index_dir is not None else Path(config["data"]["processed"]) / dataset
     data_root = Path(data_root) if data_root is not None else Path(config["data"]["raw"])
-    ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"], text=text)
-    check_images(index_dir, [split], data_root)  # every missing image named before scoring starts
-    report_long_sentences(model, index_dir, [split])
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=eval_cfg["batch_size"] if batch_size is None else batch_size, shuffle=False,
-        num_workers=eval_cfg["num_workers"] if num_workers is None else num_workers,
-        collate_fn=collate_batch)
+    if not images_checked:
+        check_images(index_dir, list(outs), data_root)
+    report_long_sentences(model, index_dir, list(outs))
     train_cfg = config["train"]
     amp_dtype = None
     if train_cfg.get("eval_amp", True):  # false: evaluate in fp32, as the authors do
         amp_dtype = amp_dtype_for(train_cfg["amp"], device, train_cfg.get("amp_dtype", "auto"))
-    acc = score_loader(model, loader, protocol, device, desc=f"evaluate {dataset}/{variant}/{split} ({text} text)",
-                       amp_dtype=amp_dtype)
-    scores = acc.result()
-    record: dict[str, Any] = {
-        "dataset": dataset, "variant": variant, "resolution": resolution, "split": split,
-        "protocol": protocol, "text": text, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
-        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
-        "config_name": meta.get("config_name", config.get("name")),
-        # Provenance of what was scored (the training data's hash is the checkpoint's meta["data_hash"]).
-        "index": str(index_dir), "index_data_hash": data_hash(index_dir),
-    }
-    atomic_write_json(out, record)
-    if tracking:
-        # The control gets its own nested run beside the split's ordinary one.
-        _track_eval(meta, split if text == "matched" else f"{split}-{text}-text", record, out, tracking_uri)
-    return record
+    tracker = _eval_tracker(meta, tracking_uri) if tracking else None
+    provenance = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+                  "config_name": meta.get("config_name", config.get("name")),
+                  # what was scored (the training data's hash is the checkpoint's meta["data_hash"])
+                  "index": str(index_dir), "index_data_hash": data_hash(index_dir)}
+    records = []
+    for split, out in outs.items():
+        ds = RefSegDataset(index_dir, split, "eval", resolution, data_root, seed=config["train"]["seed"],
+                           text=text)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=eval_cfg["batch_size"] if batch_size is None else batch_size, shuffle=False,
+            num_workers=eval_cfg["num_workers"] if num_workers is None else num_workers,
+            collate_fn=collate_batch)
+        scores = score_loader(model, loader, protocol, device,
+                              desc=f"evaluate {dataset}/{variant}/{split} ({text} text)", amp_dtype=amp_dtype).result()
+        record: dict[str, Any] = {
+            "dataset": dataset, "variant": variant, "resolution": resolution, "split": split,
+            "protocol": protocol, "text": text, "n": scores["n"], **{k: scores[k] for k in METRIC_KEYS},
+            **provenance,
+        }
+        atomic_write_json(out, record)
+        if tracker is not None:
+            # The control gets its own nested run beside the split's ordinary one.
+            _track_eval(tracker, meta, split if text == "matched" else f"{split}-{text}-text", record, out)
+        records.append(record)
+    return records
 
 
-def _track_eval(meta: dict[str, Any], split: str, record: dict[str, Any], out: Path,
-                uri: str | None) -> None:
+def _eval_tracker(meta: dict[str, Any], uri: str | None):
     from remamber.tracking import Tracker, TrackingConfig
 
     # Whether and how strictly to track may come from the checkpoint's config; where to, never (uri).
     stored = meta["config"].get("tracking") or {}
-    tracker = Tracker(TrackingConfig(enabled=bool(stored.get("enabled", True)), uri=uri,
-                                     on_error="warn" if stored.get("on_error") == "warn" else "fail"))
+    return Tracker(TrackingConfig(enabled=bool(stored.get("enabled", True)), uri=uri,
+                                  on_error="warn" if stored.get("on_error") == "warn" else "fail"))
+
+
+def _track_eval(tracker, meta: dict[str, Any], split: str, record: dict[str, Any], out: Path) -> None:
     # the training's run: run key @ the checkpoint's folder (where it was trained)
     run_key = tracking_key(meta.get("run_key") or
                            f"{meta['config']['name']}/{meta['dataset']}/{meta['variant']}/{meta['resolution']}",
