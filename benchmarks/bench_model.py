@@ -5,7 +5,9 @@ for the twister, attention and in_context variants, and one fusion block alone: 
 stage (interactions + one Twister block) against a joint self-attention block (LayerNorm, QKV,
 torch's scaled_dot_product_attention over [image tokens; 20 text tokens], out-proj, residual) of
 the same width. The fitted log-log exponent of time against the number of image tokens is printed
-for each row (target <= 1.15 for the Twister block and the whole twister model).
+for each row (target <= 1.15 for the Twister block and the whole twister model), and of memory too.
+The `_recompute` rows are the same models with ModelConfig.twister_recompute (TwisterStage(recompute=True)):
+the Twister keeps only its stage boundaries for backward and recomputes the rest.
 
 Peak memory: every (case, size) runs in a fresh subprocess that first runs the case once at 64 px
 (loading the compiled scan kernels); peak = ru_maxrss after one forward+backward at the measured
@@ -29,8 +31,8 @@ import time
 
 SIZES = (128, 192, 256, 384, 512)
 QUICK_SIZES = (128, 192, 256)
-MODEL_CASES = ("twister", "attention", "in_context")
-BLOCK_CASES = ("twister_block", "joint_attention_block")
+MODEL_CASES = ("twister", "twister_recompute", "attention", "in_context")
+BLOCK_CASES = ("twister_block", "twister_block_recompute", "joint_attention_block")
 BLOCK_WIDTH = 64  # width of the fusion block alone (a stage-2-like map of VMamba-B would be 256)
 SMALL = dict(backbone="vmamba_demo", text_encoder="tiny-random-bert", local_dim=64, channel_scan_grid=8,
              channel_scan_width=128, drop_path_rate=0.0)
@@ -54,7 +56,9 @@ def _build(case: str, size: int, batch: int):
     if case in MODEL_CASES:
         from remamber.models import build_model, variant_config
 
-        model = build_model(variant_config(case, **SMALL)).train()
+        recompute = case.endswith("_recompute")
+        model = build_model(variant_config(case.removesuffix("_recompute"), twister_recompute=recompute,
+                                           **SMALL)).train()
         ids, mask = model.tokenize(["the red circle left of the blue square"] * batch)
         images = torch.randn(batch, 3, size, size)
 
@@ -70,10 +74,11 @@ def _build(case: str, size: int, batch: int):
     side = math.ceil(size / 4)  # the first stage's map for this input size
     image = torch.randn(batch, BLOCK_WIDTH, side, side, requires_grad=True)
     words = torch.randn(batch, 20, 384)
-    if case == "twister_block":
+    if case in ("twister_block", "twister_block_recompute"):
         from remamber.models.twisting import TwisterStage
 
-        block = TwisterStage(BLOCK_WIDTH, 384, 20, depth=1, local_dim=64, grid=8, width=128)
+        block = TwisterStage(BLOCK_WIDTH, 384, 20, depth=1, local_dim=64, grid=8, width=128,
+                             recompute=case == "twister_block_recompute")
         pooled = torch.randn(batch, 384)
         text_mask = torch.ones(batch, 20, dtype=torch.bool)
 
@@ -167,9 +172,9 @@ def _run(case: str, size: int, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _slope(rows: list[dict]) -> float:
+def _slope(rows: list[dict], key: str = "ms_per_image") -> float:
     xs = [math.log(r["tokens"]) for r in rows]
-    ys = [math.log(r["ms_per_image"]) for r in rows]
+    ys = [math.log(max(r[key], 1e-9)) for r in rows]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
@@ -204,15 +209,20 @@ def main(argv: list[str] | None = None) -> None:
         results.setdefault(case, []).append(_run(case, size, args))
     print(f"\nforward+backward on CPU, batch {args.batch}, {args.threads} threads, median of {args.repeats} "
           f"(peak memory: ru_maxrss delta in a fresh subprocess)")
-    header = "case".ljust(22) + "".join(f"{s:>9d}px" for s in sizes) + "   exponent"
+    header = "case".ljust(24) + "".join(f"{s:>9d}px" for s in sizes) + "   exponent"
     for title, key, unit in (("time", "ms_per_image", "ms/image"), ("peak memory", "peak_mib_per_image", "MiB/image")):
         print(f"\n{title} ({unit})")
         print(header)
         for case, rows in results.items():
             cells = "".join(f"{r[key]:11.1f}" for r in rows)
-            exponent = f"{_slope(rows):9.2f}" if key == "ms_per_image" and len(rows) > 1 else ""
-            print(case.ljust(22) + cells + "   " + exponent)
-    print("\nexponent: least-squares slope of log(time) against log(image tokens at the first stage); "
+            exponent = f"{_slope(rows, key):9.2f}" if len(rows) > 1 else ""
+            print(case.ljust(24) + cells + "   " + exponent)
+        base = results.get("joint_attention_block")
+        for case, label in (("twister_block", "  ratio twister/attn"), ("twister_block_recompute", "  ratio recompute/attn")):
+            if base and case in results:
+                cells = "".join(f"{r[key] / a[key]:11.2f}" for r, a in zip(results[case], base))
+                print(label.ljust(24) + cells)
+    print("\nexponent: least-squares slope of log(time or memory) against log(image tokens at the first stage); "
           "1 = linear in tokens, 2 = quadratic")
 
 

@@ -28,6 +28,9 @@ class ModelConfig:
     local_dim, channel_scan_grid, channel_scan_width: the authors' Twister sizes (512, 16, 512).
     drop_path_rate: the backbone's stochastic depth (fusion blocks use none, as the authors).
     mask_text_padding: False lets padded words into the fusion, as the authors' code does.
+    twister_recompute: the Twister stages keep only their stage boundaries for backward and recompute the
+        rest in it (TwisterBlock._forward_recompute): much less activation memory for more time; the same
+        function, equal up to float rounding. Off: the plain path (bit-identical to before the option).
     init: how new layers start. "authors": PyTorch's defaults for the fusion layers and He-normal
         (fan-out) for the decoder's conv blocks, as yyh-rain-song/ReMamber; "trunc_normal": ours,
         VMamba's truncated N(0, 0.02) for every new Linear (fusion and decoder).
@@ -50,6 +53,7 @@ class ModelConfig:
     channel_scan_width: int = 512
     attention_head_dim: int = 64
     init: str = "trunc_normal"
+    twister_recompute: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,8 +79,9 @@ class ModelConfig:
                 raise ValueError(f"model config: {key} must be a positive integer, got {value!r}")
         if self.text_layers is not None and (not isinstance(self.text_layers, int) or self.text_layers < 1):
             raise ValueError(f"model config: text_layers must be null or a positive integer, got {self.text_layers!r}")
-        if not isinstance(self.mask_text_padding, bool):
-            raise ValueError(f"model config: mask_text_padding must be true or false, got {self.mask_text_padding!r}")
+        for key in ("mask_text_padding", "twister_recompute"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model config: {key} must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.drop_path_rate, (int, float)) or not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model config: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if self.pretrained_backbone is not None and not isinstance(self.pretrained_backbone, (str, os.PathLike)):

@@ -25,7 +25,7 @@ FusionBuilder = Callable[[Any, int, int, dict], nn.Module]
 def _twister(cfg, dim: int, text_dim: int, ssm: dict) -> nn.Module:
     return TwisterStage(dim, text_dim, cfg.max_text_len, depth=cfg.fusion_depth, interaction=cfg.interaction,
                         local_dim=cfg.local_dim, scan_order=cfg.scan_order, grid=cfg.channel_scan_grid,
-                        width=cfg.channel_scan_width, **ssm)
+                        width=cfg.channel_scan_width, recompute=getattr(cfg, "twister_recompute", False), **ssm)
 
 
 FUSION_STAGES: dict[str, FusionBuilder] = {

@@ -12,7 +12,7 @@ from torch import nn
 
 from remamber.ops import directional_selective_scan, selective_scan
 
-__all__ = ["add_ssm_parameters", "directional_scan", "scan_in_orders", "resolve_dt_rank"]
+__all__ = ["add_ssm_parameters", "directional_scan", "scan_in_orders", "scan_in_orders_lean", "resolve_dt_rank"]
 
 
 def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
@@ -108,3 +108,94 @@ def scan_in_orders(module: nn.Module, u: torch.Tensor, orders: torch.Tensor) -> 
         delta_bias=module.dt_projs_bias.reshape(-1).float(),  # type: ignore[union-attr]
         delta_softplus=True,
     )
+
+
+# elements (batch x channels x steps) of one piece of `scan_in_orders_lean`: its delta, the scan's largest
+# saved input, is one piece at a time (2**20 fp32 values: 4 MiB; fewer, larger pieces cost the scan kernel less)
+LEAN_PIECE_ELEMENTS = 2**20
+
+
+def _lean_chunks(batch: int, d: int, length: int) -> list[tuple[int, int]]:
+    step = max(1, min(d, LEAN_PIECE_ELEMENTS // max(1, batch * length)))
+    return [(c, min(c + step, d)) for c in range(0, d, step)]
+
+
+def _project(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(O, D) @ (B, D, L) -> (B, O, L) as one bmm (torch.matmul would copy u transposed)."""
+    return torch.bmm(weight.expand(u.shape[0], -1, -1), u)
+
+
+def _lean_piece(u_c, x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1):
+    """Direction k's scan of channels c0:c1 (u_c = u[:, c0:c1] of u (B, D, L)) -> (B, c1 - c0, L) in the
+    compute dtype. x_dbl: direction k's (B, R + 2N, L) = x_proj_weight[k] @ u; the others: module parameters."""
+    d = dtw.shape[1]
+    n = a_logs.shape[1]
+    r = dtw.shape[2]
+    dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=1)
+    delta = torch.bmm(dtw[k, c0:c1].expand(dts.shape[0], -1, -1), dts)  # (B, c1 - c0, L)
+    lo, hi = k * d + c0, k * d + c1
+    return directional_selective_scan(
+        u_c, delta, -torch.exp(a_logs[lo:hi].float()), bs[:, None].contiguous(), cs[:, None].contiguous(),
+        orders[k:k + 1], D=ds[lo:hi].float(), delta_bias=dtb[k, c0:c1].float(), delta_softplus=True,
+    )
+
+
+class _LeanScan(torch.autograd.Function):
+    """`scan_in_orders` keeping only u and the parameters for backward: the backward recomputes x_proj,
+    dt_proj and each scan piece (one direction, a few channels) and runs that piece's backward at once,
+    so at most one piece's delta and scan state exist at a time."""
+
+    @staticmethod
+    def forward(ctx, u, xw, dtw, dtb, a_logs, ds, orders):
+        b, d, length = u.shape
+        k_dirs = orders.shape[0]
+        chunks = _lean_chunks(b, d, length)
+        y = None
+        for k in range(k_dirs):
+            x_dbl = _project(xw[k], u)  # (B, R + 2N, L)
+            for c0, c1 in chunks:
+                piece = _lean_piece(u[:, c0:c1], x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1)
+                if y is None:
+                    y = u.new_zeros((b, d, length), dtype=piece.dtype)
+                y[:, c0:c1] += piece
+        ctx.save_for_backward(u, xw, dtw, dtb, a_logs, ds, orders)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, xw, dtw, dtb, a_logs, ds, orders = ctx.saved_tensors
+        b, d, length = u.shape
+        chunks = _lean_chunks(b, d, length)
+        du = torch.zeros_like(u)
+        dxw, ddtw, ddtb = torch.zeros_like(xw), torch.zeros_like(dtw), torch.zeros_like(dtb)
+        da, dds = torch.zeros_like(a_logs), torch.zeros_like(ds)
+        params = [t.detach().requires_grad_() for t in (dtw, dtb, a_logs, ds)]
+        for k in range(orders.shape[0]):
+            x_dbl = _project(xw[k], u)  # (B, R + 2N, L)
+            g_dbl = torch.zeros_like(x_dbl)
+            for c0, c1 in chunks:
+                with torch.enable_grad():
+                    dbl = x_dbl.detach().requires_grad_()
+                    u_c = u[:, c0:c1].detach().requires_grad_()
+                    piece = _lean_piece(u_c, dbl, *params, orders, k, c0, c1)
+                    g_u, g_dbl_c, g_dtw, g_dtb, g_a, g_ds = torch.autograd.grad(
+                        piece, [u_c, dbl, *params], gy[:, c0:c1].to(piece.dtype))
+                du[:, c0:c1] += g_u
+                g_dbl += g_dbl_c
+                ddtw += g_dtw
+                ddtb += g_dtb
+                da += g_a
+                dds += g_ds
+                del g_u, g_dbl_c, piece, u_c, dbl
+            # x_dbl = W_k u: du += W_k^T g_dbl in place (no full-size temporary), dW_k = sum_b g_dbl u^T
+            g_dbl = g_dbl.to(u.dtype)
+            du.baddbmm_(xw[k].t().expand(b, *xw[k].t().shape), g_dbl)
+            dxw[k] += torch.matmul(u, g_dbl.transpose(1, 2)).sum(0).t()  # (D, R + 2N) products: no copy of u
+        return du, dxw, ddtw, ddtb, da, dds, None
+
+
+def scan_in_orders_lean(module: nn.Module, u: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """`scan_in_orders` with little memory for backward (same result up to float rounding: the directions
+    and the channel pieces are computed separately and summed in the compute dtype)."""
+    return _LeanScan.apply(u, module.x_proj_weight, module.dt_projs_weight, module.dt_projs_bias,
+                           module.A_logs, module.Ds, orders)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from remamber.models.interaction import GlobalInteraction, LocalInteraction
 from remamber.models.layers import LayerNorm2d, Linear2d
 from remamber.models.ss2d import SS2D
-from remamber.models.ssm import add_ssm_parameters, resolve_dt_rank, scan_in_orders
-from remamber.ops import scan_orders
+from remamber.models.ssm import add_ssm_parameters, resolve_dt_rank, scan_in_orders, scan_in_orders_lean
+from remamber.ops import cross_scan_orders, scan_orders
 from remamber.vocabulary import INTERACTIONS, SCAN_ORDERS
 
 __all__ = ["SCAN_ORDERS", "INTERACTIONS", "ChannelScan", "TwistingLayer", "TwisterBlock", "TwisterStage"]
@@ -69,17 +70,20 @@ class ChannelScan(nn.Module):
         self.out_proj = nn.Linear(width, features, bias=False)
 
     def forward(self, cube: torch.Tensor) -> torch.Tensor:
-        b, s, h, w = cube.shape
         g = self.grid
         pooled = F.interpolate(cube, size=(g, g), mode="bilinear", align_corners=False)
+        return F.interpolate(self.mix(pooled), size=cube.shape[2:], mode="bilinear", align_corners=False)
+
+    def mix(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The scan at grid resolution: pooled (B, S, grid, grid) -> (B, S, grid, grid)."""
+        b, s, g, _ = pooled.shape
         x, z = self.in_proj(pooled.reshape(b, s, g * g)).chunk(2, dim=-1)  # (B, S, width) each
         x = self.act(_depthwise_conv3(x.transpose(1, 2), self.conv2d.weight[:, :, 1]))  # (B, width, S)
         # x, x, flip(x), flip(x), each scanned with its own parameters, un-flipped and summed in fp32 (as the
         # authors); the flips happen inside the scan kernel's indexing
         y = scan_in_orders(self, x, scan_orders("channel", 1, s, x.device))  # (B, width, S)
         y = self.out_norm(y.transpose(1, 2)).to(z.dtype) * self.act(z)  # (B, S, width)
-        out = self.out_proj(y).reshape(b, s, g, g)
-        return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return self.out_proj(y).reshape(b, s, g, g)
 
 
 def _depthwise_conv3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -149,30 +153,233 @@ class TwisterBlock(nn.Module):
     Returns the new image and the conditions for the next block, cond + LN(cond): the authors'
     block applies its residual to every input of the list, and the Twisting layer hands the
     normalised conditions through unchanged.
+
+    recompute (ModelConfig.twister_recompute): keep little for backward and recompute the rest in it
+    (see `_forward_recompute`); same function, equal up to float rounding. Not used when `record` is
+    asked for (inspection runs the plain path).
     """
 
-    def __init__(self, dim: int, parts: int, **twisting_kwargs) -> None:
+    def __init__(self, dim: int, parts: int, recompute: bool = False, **twisting_kwargs) -> None:
         super().__init__()
         self.norm = LayerNorm2d(dim)
         self.twisting = TwistingLayer(dim, parts * dim, **twisting_kwargs)
+        self.recompute = recompute
 
     def forward(
         self, image: torch.Tensor, conditions: list[torch.Tensor], record: dict | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        b, c, h, w = image.shape
+        if self.recompute and record is None:
+            return self._forward_recompute(image, conditions)
         parts = [self.norm(image)]
         next_conditions = []
         for cond in conditions:
             if cond.dim() == 2:
-                vec = F.layer_norm(cond, (c,), self.norm.weight, self.norm.bias, self.norm.eps)
-                parts.append(vec[:, :, None, None].expand(b, c, h, w))
-                next_conditions.append(cond + vec)
+                normed = self._normed_vector(cond)
+                parts.append(normed[:, :, None, None].expand_as(image))
             else:
                 normed = self.norm(cond)
                 parts.append(normed)
-                next_conditions.append(cond + normed)
+            next_conditions.append(cond + normed)
         cube = torch.cat(parts, dim=1)  # Eq. 6
         return image + self.twisting(cube, record), next_conditions
+
+    def _normed_vector(self, vec: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(vec, (vec.shape[1],), self.norm.weight, self.norm.bias, self.norm.eps)
+
+    def _part(self, x: torch.Tensor, like: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One (B, C, h, w) part of the cube, LN(x) with the norm's (weight, bias): for a (B, C) vector
+        expanded over h x w; for a map as LayerNorm2d (channels-last layer_norm, permuted back)."""
+        n = (x.shape[1],)
+        if x.dim() == 2:
+            return F.layer_norm(x, n, weight, bias, self.norm.eps)[:, :, None, None].expand_as(like)
+        return F.layer_norm(x.permute(0, 2, 3, 1), n, weight, bias, self.norm.eps).permute(0, 3, 1, 2)
+
+    def _forward_recompute(
+        self, image: torch.Tensor, conditions: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block keeping only its stage boundaries for backward; the cube (3C channels) never exists whole.
+
+        channel_spatial (the paper's order), with S = (parts) C and the Spatial Scan's width D = 2C:
+          small  = ChannelScan.mix(pool(cube))            (B, S, g, g), checkpointed (pooling is per channel)
+          x      = sum_p W_in[:, p] (part_p + up(small_p)) (B, D, h, w): in_proj of cube + CS(cube), one cube
+                                                           part at a time, recomputed part by part in backward
+          u      = SiLU(conv(x))                          checkpointed
+          y      = the four-direction scan of u           `scan_in_orders_lean` (keeps u only)
+          out    = image + out_proj(LN(y))                checkpointed
+        The other scan orders checkpoint the whole block (cube and Twisting layer).
+        """
+        next_conditions = [cond + (self._normed_vector(cond) if cond.dim() == 2 else self.norm(cond))
+                           for cond in conditions]
+        layer = self.twisting
+        if layer.scan_order != "channel_spatial":
+            def whole(img, *conds):
+                cube = torch.cat([self._part(x, img, self.norm.weight, self.norm.bias) for x in (img, *conds)], dim=1)
+                return img + layer(cube)
+            return checkpoint(whole, image, *conditions, use_reentrant=False), next_conditions
+        b, c, h, w = image.shape
+        cs, ss = layer.channel_scan, layer.spatial_scan
+        g = cs.grid
+
+        def small(img, *conds):
+            pooled = torch.cat([F.interpolate(self._part(x, img, self.norm.weight, self.norm.bias), size=(g, g),
+                                              mode="bilinear", align_corners=False) for x in (img, *conds)], dim=1)
+            return cs.mix(pooled)
+
+        small_out = checkpoint(small, image, *conditions, use_reentrant=False)
+        inputs = (image, *conditions)
+        n_parts = len(inputs)
+
+        def part(p: int, *args) -> torch.Tensor:
+            """Cube part p after the channel scan's residual: LN(input p) + up(small[:, part p])."""
+            img, small_map, ln_weight, ln_bias = args[0], *args[n_parts:]
+            # channels-last, like the LayerNorm's output: the sum is one contiguous pass
+            small_p = small_map[:, p * c:(p + 1) * c].contiguous(memory_format=torch.channels_last)
+            up = F.interpolate(small_p, size=(h, w), mode="bilinear", align_corners=False)
+            return self._part(args[p], img, ln_weight, ln_bias) + up
+
+        conv = ss.conv2d
+
+        def conv_act(t: torch.Tensor, weight: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+            """SS2D's depthwise conv + SiLU on channels c0:c1 (t holds those channels only)."""
+            bias = None if conv.bias is None else conv.bias[c0:c1]
+            return ss.act(F.conv2d(t, weight[c0:c1], bias, conv.stride, conv.padding, conv.dilation, c1 - c0))
+
+        u = _ProjectParts.apply(part, conv_act, n_parts, *inputs, small_out, self.norm.weight, self.norm.bias,
+                                ss.in_proj.weight, conv.weight)
+        d = u.shape[1]
+        y = scan_in_orders_lean(ss, u.reshape(b, d, h * w), cross_scan_orders(h, w, u.device))
+        norm = ss.out_norm
+
+        def project_out(t: torch.Tensor, img: torch.Tensor, norm_weight, norm_bias, proj_weight) -> torch.Tensor:
+            t = F.layer_norm(t.permute(0, 2, 3, 1), norm.normalized_shape, norm_weight, norm_bias, norm.eps)
+            return img + F.conv2d(t.permute(0, 3, 1, 2), proj_weight[:, :, None, None])
+
+        out = _RowChunks.apply(project_out, 2, y.reshape(b, d, h, w), image, norm.weight, norm.bias,
+                               ss.out_proj.weight)
+        return out, next_conditions
+
+
+# elements (batch x channels x pixels) of one piece recomputed at a time in backward (2**18 fp32: 1 MiB)
+PIECE_ELEMENTS = 2**18
+
+
+def _spans(total: int, per_unit: int) -> list[tuple[int, int]]:
+    """[0, total) cut into spans of about PIECE_ELEMENTS // per_unit units."""
+    step = max(1, min(total, PIECE_ELEMENTS // max(1, per_unit)))
+    return [(i, min(i + step, total)) for i in range(0, total, step)]
+
+
+def _leaves(inputs, needs) -> list:
+    return [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) else t for t, n in zip(inputs, needs)]
+
+
+class _ProjectParts(torch.autograd.Function):
+    """post(sum_p W[:, p] @ part(p, *args)) for parts (B, C, H, W), W (D, P*C) and a per-channel
+    `post(x[:, c0:c1], post_weight, c0, c1)`; inputs = (*args, W, post_weight). Keeps only the inputs for
+    backward. Backward recomputes x = sum_p W_p part_p without graph, runs post's backward a few channels
+    at a time (-> gx), drops x, then recomputes and differentiates one part at a time (W_p^T gx)."""
+
+    @staticmethod
+    def forward(ctx, part, post, n_parts, *inputs):
+        with torch.no_grad():
+            x = _project_parts(part, n_parts, inputs[:-2], inputs[-2])
+            out = post(x, inputs[-1], 0, x.shape[1])
+        ctx.part, ctx.post, ctx.n_parts = part, post, n_parts
+        ctx.save_for_backward(*inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        inputs = ctx.saved_tensors
+        args, weight, post_weight = inputs[:-2], inputs[-2], inputs[-1]
+        needs = ctx.needs_input_grad[3:]
+        with torch.no_grad():
+            x = _project_parts(ctx.part, ctx.n_parts, args, weight)
+        b, d, h, w = x.shape
+        gx = torch.empty_like(x)
+        g_post = torch.zeros_like(post_weight) if needs[-1] else None
+        for c0, c1 in _spans(d, b * h * w):
+            with torch.enable_grad():
+                xc = x[:, c0:c1].detach().requires_grad_()
+                pw = post_weight.detach().requires_grad_(bool(needs[-1]))
+                got = torch.autograd.grad(ctx.post(xc, pw, c0, c1), [xc, pw] if needs[-1] else [xc], gout[:, c0:c1])
+            gx[:, c0:c1] = got[0]
+            if needs[-1]:
+                g_post += got[1]
+            del xc, pw, got
+        del x
+        gx = gx.reshape(b, d, h * w)
+        grads: list = [None] * len(args)
+        g_weight = torch.zeros_like(weight) if needs[-2] else None
+        wanted = [i for i, n in enumerate(needs[:-2]) if n]
+        c = weight.shape[1] // ctx.n_parts
+        for p in range(ctx.n_parts):
+            w_p = weight[:, p * c:(p + 1) * c]
+            with torch.enable_grad():
+                leaves = _leaves(args, needs)
+                a = ctx.part(p, *leaves)
+                if g_weight is not None:
+                    g_weight[:, p * c:(p + 1) * c] = torch.matmul(gx, a.detach().reshape(b, c, h * w).transpose(1, 2)).sum(0)
+                g_a = torch.bmm(w_p.t().expand(b, -1, -1), gx).reshape(b, c, h, w)
+                got = torch.autograd.grad(a, [leaves[i] for i in wanted], g_a, allow_unused=True)
+            del a, g_a, leaves
+            for i, gi in zip(wanted, got):
+                if gi is not None:
+                    grads[i] = gi if grads[i] is None else grads[i].add_(gi)
+            del got
+        return (None, None, None, *grads, g_weight, g_post)
+
+
+def _project_parts(part, n_parts: int, args, weight: torch.Tensor) -> torch.Tensor:
+    """sum_p W[:, p] @ part(p, *args): (B, D, H, W), accumulated in place."""
+    c = weight.shape[1] // n_parts
+    x = None
+    for p in range(n_parts):
+        a = part(p, *args)
+        b, _, h, w = a.shape
+        w_p = weight[:, p * c:(p + 1) * c]
+        if x is None:
+            x = torch.bmm(w_p.expand(b, -1, -1), a.reshape(b, c, h * w))
+        else:
+            x.baddbmm_(w_p.expand(b, -1, -1), a.reshape(b, c, h * w))
+    return x.reshape(b, -1, h, w)
+
+
+class _RowChunks(torch.autograd.Function):
+    """fn(*maps, *params) for a fn that acts on each pixel alone (maps: the first `n_maps` inputs,
+    (B, *, H, W)), keeping only the inputs for backward; backward recomputes and differentiates a few
+    rows at a time."""
+
+    @staticmethod
+    def forward(ctx, fn, n_maps, *inputs):
+        with torch.no_grad():
+            out = fn(*inputs)
+        ctx.fn, ctx.n_maps = fn, n_maps
+        ctx.save_for_backward(*inputs)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        inputs = ctx.saved_tensors
+        n_maps = ctx.n_maps
+        needs = ctx.needs_input_grad[2:]
+        grads: list = [torch.empty_like(t) if n else None for t, n in zip(inputs[:n_maps], needs)]
+        grads += [torch.zeros_like(t) if n else None for t, n in zip(inputs[n_maps:], needs[n_maps:])]
+        b, _, h, w = gout.shape
+        width = max(t.shape[1] for t in inputs[:n_maps])
+        wanted = [i for i, n in enumerate(needs) if n]
+        for r0, r1 in _spans(h, b * width * w):
+            with torch.enable_grad():
+                sliced = [t[:, :, r0:r1] if i < n_maps else t for i, t in enumerate(inputs)]
+                leaves = _leaves(sliced, needs)
+                out = ctx.fn(*leaves)
+                got = torch.autograd.grad(out, [leaves[i] for i in wanted], gout[:, :, r0:r1])
+            for i, gi in zip(wanted, got):
+                if i < n_maps:
+                    grads[i][:, :, r0:r1] = gi
+                else:
+                    grads[i] += gi
+        return (None, None, *grads)
 
 
 class TwisterStage(nn.Module):
@@ -182,6 +389,8 @@ class TwisterStage(nn.Module):
             record dict | None) -> (B, C, h, w).
     record receives: interaction_map (B, L, h, w) when the local branch exists, and for the last
     block cube / cube_after_channel / cube_after_spatial plus cube_slices {name: (start, stop)}.
+    recompute: the memory-saving path (TwisterBlock; the local interaction is checkpointed), unused
+    when a record is asked for.
     """
 
     def __init__(
@@ -192,6 +401,7 @@ class TwisterStage(nn.Module):
         depth: int = 2,
         interaction: str = "global_local",
         local_dim: int = 512,
+        recompute: bool = False,
         **twisting_kwargs,
     ) -> None:
         super().__init__()
@@ -207,8 +417,9 @@ class TwisterStage(nn.Module):
         self.cube_parts = tuple(names)
         self.dim = dim
         self.blocks = nn.ModuleList(
-            [TwisterBlock(dim, len(names), **twisting_kwargs) for _ in range(depth)]
+            [TwisterBlock(dim, len(names), recompute=recompute, **twisting_kwargs) for _ in range(depth)]
         )
+        self.recompute = recompute
 
     def forward(
         self,
@@ -222,10 +433,14 @@ class TwisterStage(nn.Module):
         if hasattr(self, "global_interaction"):
             conditions.append(self.global_interaction(pooled))  # (B, C), expanded in the block
         if hasattr(self, "local_interaction"):
-            local, corr = self.local_interaction(image, words, text_mask)
+            if self.recompute and record is None:  # keeps only F~_c; the interaction is recomputed in backward
+                local = checkpoint(lambda *a: self.local_interaction(*a)[0], image, words, text_mask,
+                                   use_reentrant=False)
+            else:
+                local, corr = self.local_interaction(image, words, text_mask)
+                if record is not None:
+                    record["interaction_map"] = corr
             conditions.append(local)
-            if record is not None:
-                record["interaction_map"] = corr
         block_record = {} if record is not None else None
         for block in self.blocks:
             if block_record is not None:
