@@ -22,7 +22,7 @@ def _writers():
     from remamber.fileio import atomic_write_bytes, atomic_write_json
     from remamber.data.fetch import extract
     from remamber.data.manifest import write_manifest
-    from remamber.engine import checkpoint, evaluate, inspect, predict, train
+    from remamber.engine import checkpoint, evaluate, inspect, predict
     from remamber import fileio as reports_io
 
     def extracted(d: Path) -> Path:
@@ -53,7 +53,6 @@ def _writers():
                                                    d / "f.png")[1],
         "engine atomic_torch_save (checkpoints)": lambda d: (checkpoint.atomic_torch_save({"a": 1}, d / "c.pt"),
                                                              d / "c.pt")[1],
-        "engine train json (history)": lambda d: (train._write_json_atomic({"a": 1}, d / "h.json"), d / "h.json")[1],
         "engine inspect npz": lambda d: (inspect._write_npz_atomic(d / "i.npz", {"a": np.zeros(2)}), d / "i.npz")[1],
         "engine predict png": lambda d: (predict._save_png_atomic(Image.new("RGB", (2, 2)), d / "p.png"),
                                          d / "p.png")[1],

@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from remamber.config import ConfigError, ExperimentConfig
 from remamber.errors import RemamberError
+from remamber.fileio import atomic_write_text
 from remamber.data.catalog import pinned_pretrained
 from remamber.engine.jobs import model_config
 from remamber.engine.checkpoint import (
@@ -42,7 +44,8 @@ TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory when the w
 HISTORY_KEYS = ("epoch", "loss", "lr", "val_mIoU", "val_oIoU", "images_per_s", "seconds")
 TRACKED_KEYS = ("loss", "lr", "val_mIoU", "val_oIoU", "images_per_s")  # MLflow metrics, step = epoch
 OUTPUT_NAMES = ("last.pt", "best.pt", "history.json")
-# Temporary files of the atomic writers (checkpoint.atomic_torch_save, _write_json_atomic): ".NAME.tmp-PID".
+# Temporary files of checkpoint.atomic_torch_save (and of history.json's writer before it was fileio's):
+# ".NAME.tmp-PID".
 _TMP_RE = re.compile(r"^\.(last\.pt|best\.pt|history\.json)\.tmp-(\d+)$")
 
 
@@ -53,12 +56,6 @@ class NonFiniteLossError(RemamberError, FloatingPointError):
 def _log(info: DistInfo, message: str) -> None:
     if info.is_main:
         tqdm.write(message, file=sys.stderr)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def out_dir_id(out_dir: str | Path) -> str:
@@ -141,11 +138,82 @@ def train(
         shutdown_distributed()
 
 
+@dataclass
+class _Training:
+    """One training's state, shared by the parts of `_train`: what setup built, and what the epochs change."""
+
+    cfg: ExperimentConfig
+    info: DistInfo
+    device: torch.device
+    run_key: str
+    accumulation: int
+    train_ds: Any
+    val_ds: Any
+    model: nn.Module
+    frozen: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    schedule: CosineEpochSchedule
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    ema: ModelEMA | None
+    meta_base: dict[str, Any]
+    out_dir: Path
+    ddp_model: nn.Module | None = None  # the model under DDP (the model itself in one process)
+    bn_replay: BatchNormReplay | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_miou: float = -math.inf
+    start_epoch: int = 0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def history_path(self) -> Path:
+        return self.out_dir / "history.json"
+
+
 def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, out_dir: Path, resume: bool,
            experiment: str, tables: list[str], device: torch.device, info: DistInfo, overwrite: bool,
            tracking_uri: str | None) -> dict[str, Any]:
+    t = _set_up(cfg, dataset, variant, resolution, out_dir, experiment, tables, device, info)
+    _prepare_out_dir(t, resume, overwrite)
+    if resume and t.last_path.exists():
+        _resume_from_last(t)
+    elif resume:
+        _log(info, f"[train] no {t.last_path}: starting {t.run_key} from scratch")
+    t.ddp_model, t.bn_replay = _wrap_for_ddp(t.model, info, device)
+
+    tracker_run = _open_tracking(cfg, info, experiment, t.meta_base, tables, fresh=t.start_epoch == 0,
+                                 uri=tracking_uri)
+    with tracker_run as run:
+        run.log_dataset(dataset, t.meta_base["data_hash"], t.meta_base["index"], "train")
+        run.sync_history(t.history, TRACKED_KEYS, "epoch")  # what a kill or a store outage kept from it
+        for epoch in range(t.start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            mean_loss, images = _train_epoch(t, epoch)
+            train_seconds = time.perf_counter() - t0
+            val = _validate(t, epoch)
+            rng_states = gather_rng_states(info)
+            if info.is_main:
+                _end_epoch(t, run, epoch, mean_loss, val, images, train_seconds, t0, rng_states)
+            barrier(info)
+
+        if info.is_main:
+            _finish(t, run)
+    return {"best": str(t.best_path), "last": str(t.last_path), "history": str(t.history_path),
+            "best_val_mIoU": t.best_miou}
+
+
+def _set_up(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, out_dir: Path, experiment: str,
+            tables: list[str], device: torch.device, info: DistInfo) -> _Training:
+    """Seed, data, model, optimizer, schedule, AMP and EMA, in this order (the RNG draws depend on it)."""
     from remamber.data.checks import check_images, report_long_sentences
-    from remamber.data.datasets import RefSegDataset, collate_batch
+    from remamber.data.datasets import RefSegDataset
     from remamber.data.preprocess import data_hash
 
     tc = cfg.train
@@ -176,8 +244,7 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
     frozen = frozen_reference(model)  # hashed once; every checkpoint references it
     if info.is_main:
         report_long_sentences(model, index_dir, ["train", "val"])  # a warning with the count, not silence
-    pretrained_backbone = model_cfg.pretrained_backbone is not None
-    optimizer = build_optimizer(model, tc, pretrained_backbone)
+    optimizer = build_optimizer(model, tc, model_cfg.pretrained_backbone is not None)
     schedule = CosineEpochSchedule(optimizer, tc.min_lr, tc.epochs)
     amp_dtype = _amp_dtype(tc.amp, device, tc.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -190,169 +257,192 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         "tables": list(tables), "world_size": info.world_size,
         "tracking_key": f"{run_key}@{out_dir_id(out_dir)}", "index": str(index_dir),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path, history_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "history.json"
-    if info.is_main:
-        for stale in _remove_stale_temporaries(out_dir):
-            _log(info, f"[train] removed {stale}, left by a writer that was killed")
-        if overwrite and not (resume and last_path.exists()):
-            for path in (last_path, best_path, history_path):
+    return _Training(cfg, info, device, run_key, accumulation, train_ds, val_ds, model, frozen, optimizer,
+                     schedule, amp_dtype, scaler, ema, meta_base, out_dir)
+
+
+def _prepare_out_dir(t: _Training, resume: bool, overwrite: bool) -> None:
+    """Create the folder; remove dead writers' temporaries, and the old training when overwriting."""
+    t.out_dir.mkdir(parents=True, exist_ok=True)
+    if t.info.is_main:
+        for stale in _remove_stale_temporaries(t.out_dir):
+            _log(t.info, f"[train] removed {stale}, left by a writer that was killed")
+        if overwrite and not (resume and t.last_path.exists()):
+            for path in (t.last_path, t.best_path, t.history_path):
                 path.unlink(missing_ok=True)
-    barrier(info)
+    barrier(t.info)
 
-    history: list[dict[str, Any]] = []
-    best_miou = -math.inf
-    start_epoch = 0
-    if resume and last_path.exists():
-        state = read_checkpoint(last_path)
-        _check_resumable(last_path, state["meta"], meta_base)
-        load_weights(model, state["model"], state["meta"], last_path)
-        training = state["training"]
-        if training is None:
-            raise CheckpointError(f"{last_path}: holds no training state, cannot resume from it")
-        if training["optimizer"] is not None:
-            optimizer.load_state_dict(training["optimizer"])
-        elif int(state["meta"]["epoch"]) < tc.epochs:
-            raise CheckpointError(f"{last_path}: holds no optimizer state but only epoch "
-                                  f"{state['meta']['epoch']} of {tc.epochs} finished; cannot resume from it")
-        schedule.load_state_dict(training["schedule"])
-        scaler.load_state_dict(training["scaler"])
-        if ema is not None:
-            if state["ema"] is None:
-                raise CheckpointError(f"{last_path}: no EMA state but train.ema_decay is set")
-            load_weights(ema.module, state["ema"], state["meta"], last_path)
-        rng = training["rng"]
-        if len(rng) != info.world_size:
-            _log(info, f"[train] note: {last_path} was written by {len(rng)} process(es), now "
-                       f"{info.world_size}: the data order is unchanged, per-process RNG streams are not")
-        set_rng_state(rng[info.rank % len(rng)])
-        history = list(training["history"])
-        best_miou = float(training["best_val_mIoU"])
-        start_epoch = int(state["meta"]["epoch"])
-        _log(info, f"[train] resuming {run_key} after epoch {start_epoch} from {last_path}")
-    elif resume:
-        _log(info, f"[train] no {last_path}: starting {run_key} from scratch")
 
-    ddp_model: nn.Module = model
-    bn_replay = None
-    if info.enabled:
-        # BatchNorm running statistics are replayed in one-process order (see BatchNormReplay), so DDP's
-        # buffer broadcast from rank 0 is not wanted.
-        bn_replay = BatchNormReplay(model, info)
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
+def _resume_from_last(t: _Training) -> None:
+    """Weights, optimizer, schedule, scaler, EMA, RNG and history from last.pt (checked to be this job's)."""
+    last_path, tc = t.last_path, t.cfg.train
+    state = read_checkpoint(last_path)
+    _check_resumable(last_path, state["meta"], t.meta_base)
+    load_weights(t.model, state["model"], state["meta"], last_path)
+    training = state["training"]
+    if training is None:
+        raise CheckpointError(f"{last_path}: holds no training state, cannot resume from it")
+    if training["optimizer"] is not None:
+        t.optimizer.load_state_dict(training["optimizer"])
+    elif int(state["meta"]["epoch"]) < tc.epochs:
+        raise CheckpointError(f"{last_path}: holds no optimizer state but only epoch "
+                              f"{state['meta']['epoch']} of {tc.epochs} finished; cannot resume from it")
+    t.schedule.load_state_dict(training["schedule"])
+    t.scaler.load_state_dict(training["scaler"])
+    if t.ema is not None:
+        if state["ema"] is None:
+            raise CheckpointError(f"{last_path}: no EMA state but train.ema_decay is set")
+        load_weights(t.ema.module, state["ema"], state["meta"], last_path)
+    rng = training["rng"]
+    if len(rng) != t.info.world_size:
+        _log(t.info, f"[train] note: {last_path} was written by {len(rng)} process(es), now "
+                     f"{t.info.world_size}: the data order is unchanged, per-process RNG streams are not")
+    set_rng_state(rng[t.info.rank % len(rng)])
+    t.history = list(training["history"])
+    t.best_miou = float(training["best_val_mIoU"])
+    t.start_epoch = int(state["meta"]["epoch"])
+    _log(t.info, f"[train] resuming {t.run_key} after epoch {t.start_epoch} from {last_path}")
 
-    tracker_run = _open_tracking(cfg, info, experiment, meta_base, tables, fresh=start_epoch == 0,
-                                 uri=tracking_uri)
+
+def _wrap_for_ddp(model: nn.Module, info: DistInfo,
+                  device: torch.device) -> tuple[nn.Module, BatchNormReplay | None]:
+    """The model under DDP and its BatchNorm replay; the model itself and None in one process."""
+    if not info.enabled:
+        return model, None
+    # BatchNorm running statistics are replayed in one-process order (see BatchNormReplay), so DDP's
+    # buffer broadcast from rank 0 is not wanted.
+    bn_replay = BatchNormReplay(model, info)
+    ddp_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True, broadcast_buffers=False)
+    return ddp_model, bn_replay
+
+
+def _train_epoch(t: _Training, epoch: int) -> tuple[float, int]:
+    """One pass over the training set; returns (mean micro-batch loss over all ranks, images seen)."""
+    from remamber.data.datasets import collate_batch
+
+    tc, info, device, accumulation = t.cfg.train, t.info, t.device, t.accumulation
+    model, ddp_model, optimizer, scaler = t.model, t.ddp_model, t.optimizer, t.scaler
+    t.schedule.set_epoch(epoch)
+    t.train_ds.set_epoch(epoch)
+    sampler = GlobalBatchSampler(len(t.train_ds), tc.per_device_batch_size, info.world_size, info.rank,
+                                 accumulation, tc.seed, epoch)
+    loader = torch.utils.data.DataLoader(
+        t.train_ds, batch_sampler=sampler, num_workers=tc.num_workers, collate_fn=collate_batch,
+        generator=torch.Generator().manual_seed(epoch_seed(tc.seed, epoch)),
+        pin_memory=device.type == "cuda")
+    ddp_model.train()
     params = all_params(optimizer.param_groups)
-    with tracker_run as run:
-        run.log_dataset(dataset, d_hash, str(index_dir), "train")
-        run.sync_history(history, TRACKED_KEYS, "epoch")  # what a kill or a store outage kept from it
-        for epoch in range(start_epoch, tc.epochs):
-            t0 = time.perf_counter()
-            schedule.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            sampler = GlobalBatchSampler(len(train_ds), tc.per_device_batch_size, info.world_size, info.rank,
-                                         accumulation, tc.seed, epoch)
-            loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=sampler, num_workers=tc.num_workers, collate_fn=collate_batch,
-                generator=torch.Generator().manual_seed(epoch_seed(tc.seed, epoch)),
-                pin_memory=device.type == "cuda")
-            ddp_model.train()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            bar = tqdm(total=sampler.steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not info.is_main,
-                       dynamic_ncols=True, leave=False)
-            for micro, batch in enumerate(loader):
-                step, k = divmod(micro, accumulation)
-                last_micro = k == accumulation - 1
-                # Dropout/drop-path masks depend on the micro-batch's place in the epoch only, so N
-                # processes draw what one process would (and a resumed run what the straight one did).
-                torch.manual_seed(micro_batch_seed(tc.seed, epoch, sampler.global_micro_index(micro)))
-                input_ids, attention_mask = model.tokenize(list(batch["text"]))
-                sync = nullcontext() if (last_micro or not info.enabled) else ddp_model.no_sync()
-                with sync:
-                    with _autocast(device, amp_dtype):
-                        logits = ddp_model(batch["image"].to(device, non_blocking=True),
-                                           input_ids.to(device), attention_mask.to(device))
-                    loss = dice_bce_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
-                    if any_rank(not bool(torch.isfinite(loss)), info, device):
-                        kept = (f"The last good checkpoint {last_path} is untouched." if last_path.exists()
-                                else "No checkpoint was written (no epoch finished).")
-                        raise NonFiniteLossError(
-                            f"{run_key}: non-finite loss ({loss.item()} on rank {info.rank}) at epoch "
-                            f"{epoch + 1}, step {step + 1} (micro-batch {k + 1}/{accumulation}); stopped. "
-                            f"{kept}")
-                    scaler.scale(loss / accumulation).backward()
-                loss_sum += loss.detach().double().cpu()
-                if last_micro:
-                    if tc.grad_clip is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    if bn_replay is not None:
-                        bn_replay.finish_step()
-                    if ema is not None:
-                        ema.update(model)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-            bar.close()
-            train_seconds = time.perf_counter() - t0
-            n_micro = sampler.steps * accumulation
-            mean_loss = _global_mean(loss_sum, n_micro, info, device)
-            images = sampler.steps * tc.global_batch_size
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    bar = tqdm(total=sampler.steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not info.is_main,
+               dynamic_ncols=True, leave=False)
+    for micro, batch in enumerate(loader):
+        step, k = divmod(micro, accumulation)
+        last_micro = k == accumulation - 1
+        # Dropout/drop-path masks depend on the micro-batch's place in the epoch only, so N
+        # processes draw what one process would (and a resumed run what the straight one did).
+        torch.manual_seed(micro_batch_seed(tc.seed, epoch, sampler.global_micro_index(micro)))
+        input_ids, attention_mask = model.tokenize(list(batch["text"]))
+        sync = nullcontext() if (last_micro or not info.enabled) else ddp_model.no_sync()
+        with sync:
+            with _autocast(device, t.amp_dtype):
+                logits = ddp_model(batch["image"].to(device, non_blocking=True),
+                                   input_ids.to(device), attention_mask.to(device))
+            loss = dice_bce_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
+            if any_rank(not bool(torch.isfinite(loss)), info, device):
+                kept = (f"The last good checkpoint {t.last_path} is untouched." if t.last_path.exists()
+                        else "No checkpoint was written (no epoch finished).")
+                raise NonFiniteLossError(
+                    f"{t.run_key}: non-finite loss ({loss.item()} on rank {info.rank}) at epoch "
+                    f"{epoch + 1}, step {step + 1} (micro-batch {k + 1}/{accumulation}); stopped. "
+                    f"{kept}")
+            scaler.scale(loss / accumulation).backward()
+        loss_sum += loss.detach().double().cpu()
+        if last_micro:
+            if tc.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if t.bn_replay is not None:
+                t.bn_replay.finish_step()
+            if t.ema is not None:
+                t.ema.update(model)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    mean_loss = _global_mean(loss_sum, sampler.steps * accumulation, info, device)
+    return mean_loss, sampler.steps * tc.global_batch_size
 
-            val = None
-            if info.is_main:
-                val_loader = torch.utils.data.DataLoader(
-                    val_ds, batch_size=cfg.evaluate.batch_size, shuffle=False,
-                    num_workers=cfg.evaluate.num_workers, collate_fn=collate_batch)
-                # the authors select (and report) the raw model even when they keep an EMA: ema_select raw
-                scored = ema.module if ema is not None and tc.ema_select == "ema" else model
-                val = score_loader(scored, val_loader, cfg.evaluate.protocol, device, desc=f"val {epoch + 1}",
-                                   amp_dtype=amp_dtype if tc.eval_amp else None).result()
-            rng_states = gather_rng_states(info)
-            if info.is_main:
-                entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": _new_lr(optimizer),
-                         "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"],
-                         "images_per_s": images / train_seconds if train_seconds > 0 else 0.0,
-                         "seconds": time.perf_counter() - t0}
-                history.append(entry)
-                improved = val["mIoU"] > best_miou
-                best_miou = max(best_miou, val["mIoU"])
-                meta = {**meta_base, "epoch": epoch + 1, "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"]}
-                ema_state = ema.state_dict() if ema is not None else None
-                validated_ema = ema is not None and tc.ema_select == "ema"
-                if improved:  # the validated weights only: what evaluation and prediction load
-                    save_checkpoint(best_path, model, meta, model_state=ema_state if validated_ema else None,
-                                    model_weights="ema" if validated_ema else "raw", frozen=frozen)
-                save_checkpoint(last_path, model, meta, ema_state=ema_state, frozen=frozen, training={
-                    # After the last epoch nothing resumes from the optimizer's moments (twice the weights):
-                    # they are dropped, a finished last.pt keeps the weights and the history.
-                    "optimizer": optimizer.state_dict() if epoch + 1 < tc.epochs else None,
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_states, "history": history,
-                    "best_val_mIoU": best_miou,
-                    "data_order": {"seed": tc.seed, "next_epoch": epoch + 1, "world_size": info.world_size},
-                })
-                _write_json_atomic(history, history_path)
-                run.sync_history(history, TRACKED_KEYS, "epoch")
-                _log(info, f"[train] epoch {epoch + 1}/{tc.epochs}: loss {mean_loss:.4f}, "
-                           f"val mIoU {val['mIoU']:.2f}, oIoU {val['oIoU']:.2f}, "
-                           f"{entry['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
-            barrier(info)
 
-        if info.is_main:
-            if not history_path.exists() or start_epoch >= tc.epochs:
-                _write_json_atomic(history, history_path)
-            run.log_artifact(history_path)
-            if best_path.exists():
-                run.set_tags({"remamber.checkpoint": str(best_path),
-                              "remamber.checkpoint_sha256": file_sha256(best_path)})
-    return {"best": str(best_path), "last": str(last_path), "history": str(history_path),
-            "best_val_mIoU": best_miou}
+def _scored_model(t: _Training) -> nn.Module:
+    """The weights validation scores, best.pt keeps and evaluation uses: the EMA's unless ema_select is raw
+    (the authors select and report the raw model even when they keep an EMA)."""
+    return t.ema.module if t.ema is not None and t.cfg.train.ema_select == "ema" else t.model
+
+
+def _validate(t: _Training, epoch: int) -> dict[str, Any] | None:
+    """Val mIoU/oIoU of this epoch's weights, on rank 0 (None elsewhere)."""
+    from remamber.data.datasets import collate_batch
+
+    if not t.info.is_main:
+        return None
+    ev = t.cfg.evaluate
+    val_loader = torch.utils.data.DataLoader(t.val_ds, batch_size=ev.batch_size, shuffle=False,
+                                             num_workers=ev.num_workers, collate_fn=collate_batch)
+    return score_loader(_scored_model(t), val_loader, ev.protocol, t.device, desc=f"val {epoch + 1}",
+                        amp_dtype=t.amp_dtype if t.cfg.train.eval_amp else None).result()
+
+
+def _end_epoch(t: _Training, run: Any, epoch: int, mean_loss: float, val: dict[str, Any], images: int,
+               train_seconds: float, t0: float, rng_states: list[dict[str, Any]]) -> None:
+    """Rank 0 after an epoch: the history entry, best.pt when val mIoU improved, last.pt, history.json, the
+    MLflow run."""
+    tc = t.cfg.train
+    entry = {"epoch": epoch + 1, "loss": mean_loss, "lr": _new_lr(t.optimizer),
+             "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"],
+             "images_per_s": images / train_seconds if train_seconds > 0 else 0.0,
+             "seconds": time.perf_counter() - t0}
+    t.history.append(entry)
+    improved = val["mIoU"] > t.best_miou
+    t.best_miou = max(t.best_miou, val["mIoU"])
+    meta = {**t.meta_base, "epoch": epoch + 1, "val_mIoU": val["mIoU"], "val_oIoU": val["oIoU"]}
+    ema_state = t.ema.state_dict() if t.ema is not None else None
+    validated_ema = t.ema is not None and tc.ema_select == "ema"
+    if improved:  # the validated weights only: what evaluation and prediction load
+        save_checkpoint(t.best_path, t.model, meta, model_state=ema_state if validated_ema else None,
+                        model_weights="ema" if validated_ema else "raw", frozen=t.frozen)
+    save_checkpoint(t.last_path, t.model, meta, ema_state=ema_state, frozen=t.frozen, training={
+        # After the last epoch nothing resumes from the optimizer's moments (twice the weights):
+        # they are dropped, a finished last.pt keeps the weights and the history.
+        "optimizer": t.optimizer.state_dict() if epoch + 1 < tc.epochs else None,
+        "schedule": t.schedule.state_dict(),
+        "scaler": t.scaler.state_dict(), "rng": rng_states, "history": t.history,
+        "best_val_mIoU": t.best_miou,
+        "data_order": {"seed": tc.seed, "next_epoch": epoch + 1, "world_size": t.info.world_size},
+    })
+    _write_history(t)
+    run.sync_history(t.history, TRACKED_KEYS, "epoch")
+    _log(t.info, f"[train] epoch {epoch + 1}/{tc.epochs}: loss {mean_loss:.4f}, "
+                 f"val mIoU {val['mIoU']:.2f}, oIoU {val['oIoU']:.2f}, "
+                 f"{entry['images_per_s']:.1f} img/s{' (best)' if improved else ''}")
+
+
+def _write_history(t: _Training) -> None:
+    atomic_write_text(t.history_path, json.dumps(t.history, indent=2) + "\n")
+
+
+def _finish(t: _Training, run: Any) -> None:
+    """Rank 0 after the last epoch: history.json (also when nothing was left to train), the MLflow run's
+    artifact and the checkpoint tags."""
+    if not t.history_path.exists() or t.start_epoch >= t.cfg.train.epochs:
+        _write_history(t)
+    run.log_artifact(t.history_path)
+    if t.best_path.exists():
+        run.set_tags({"remamber.checkpoint": str(t.best_path),
+                      "remamber.checkpoint_sha256": file_sha256(t.best_path)})
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
