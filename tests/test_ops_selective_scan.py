@@ -408,3 +408,22 @@ def test_torch_backend_plain_loop_path_for_large_steps():
     grads_ref = torch.autograd.grad(ref.sum(), [u, A])
     _assert_close("du", grads[0], grads_ref[0], 2 * 6e-4, 2 * 2e-3)
     _assert_close("dA", grads[1], grads_ref[1], 1e-3, 5e-3)
+
+
+def test_cpu_kernel_uses_at_most_torch_threads():
+    """The numba kernel follows torch's thread count (no second pool as wide as the machine) and leaves
+    numba's own setting as it found it; results do not depend on the thread count."""
+    import numba
+
+    from remamber.ops import scan_cpu
+
+    seen = []
+    before_torch, before_numba = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with scan_cpu._torch_threads():
+            seen.append(numba.get_num_threads())
+    finally:
+        torch.set_num_threads(before_torch)
+    assert seen == [1]
+    assert numba.get_num_threads() == before_numba

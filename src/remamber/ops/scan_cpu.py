@@ -25,8 +25,10 @@ so there are no write races, and the split depends only on shapes: results are b
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -182,7 +184,7 @@ def _chunk(length: int) -> int:
 
 
 @njit(inline="always", error_model="numpy")
-def _block_inputs(bi, d0, R, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, need_sig,
+def _block_inputs(bi, d0, R, l0, T, u, delta, bias, softplus, A, B, var_lb, need_sig,
                   dtbuf, dtubuf, sgbuf, abuf, xbuf):
     """For rows d0..d0+R-1, steps l0..l0+T-1: dtbuf[r,t] = dt, dtubuf[r,t] = dt*u, sgbuf[r,t] = sigmoid
     of the pre-softplus value (if need_sig), abuf[r*N+n, t] = exp(dt*A), xbuf[r*N+n, t] = dt*u*B."""
@@ -255,7 +257,7 @@ def _block_states(lanes, T, abuf, xbuf, hbuf):
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _scan_fwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, out, ckpt, last):
+def _scan_fwd(u, delta, A, B, C, D, bias, softplus, K, R, out, ckpt, last):
     """out (batch, dim, L); ckpt (batch, dim, ceil(L/K), N) chunk start states; last (batch, dim, N)."""
     batch, dim, L = u.shape
     N = A.shape[1]
@@ -281,7 +283,7 @@ def _scan_fwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, out, 
             for r in range(Rb):
                 for n in range(N):
                     ckpt[bi, d0 + r, c, n] = hbuf[r * N + n, 0]
-            _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, False,
+            _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, softplus, A, B, var_lb, False,
                           dtbuf, dtubuf, dtbuf, abuf, xbuf)
             _block_states(lanes, T, abuf, xbuf, hbuf)
             for r in range(Rb):
@@ -312,7 +314,7 @@ def _scan_fwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, out, 
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt, gout, glast, has_glast,
+def _scan_bwd(u, delta, A, B, C, D, bias, softplus, K, R, ckpt, gout, glast, has_glast,
               shared_b, shared_c, groups, slices, du, ddelta, dA_part, dD_part, dB_buf, dC_buf):
     """Reverse scan. Work item = (bi, group, slice): a run of channels inside one group of `groups`,
     processed in blocks of R rows.
@@ -367,7 +369,7 @@ def _scan_bwd(u, delta, A, B, C, D, bias, has_D, has_bias, softplus, K, R, ckpt,
                 for r in range(Rb):
                     for n in range(N):
                         hbuf[r * N + n, 0] = ckpt[bi, d0 + r, c, n]
-                _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, has_bias, softplus, A, B, var_lb, True,
+                _block_inputs(bi, d0, Rb, l0, T, u, delta, bias, softplus, A, B, var_lb, True,
                               dtbuf, dtubuf, sgbuf, abuf, xbuf)
                 _block_states(lanes, T, abuf, xbuf, hbuf)
                 for r in range(Rb):
@@ -502,6 +504,23 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+@contextlib.contextmanager
+def _torch_threads():
+    """Run a numba kernel on at most torch's thread count. The kernels run between torch ops, never
+    beside them, so a caller that gave torch its share of the cores (parallel jobs, a benchmark at one
+    thread) bounds the scan too, instead of numba starting one thread per core next to other jobs."""
+    before = numba.get_num_threads()
+    want = max(1, min(before, torch.get_num_threads()))
+    if want == before:
+        yield
+        return
+    numba.set_num_threads(want)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 class _ScanCore(torch.autograd.Function):
     """(u, delta, A, B, C, D, delta_bias) -> (sum_n C h + D u, last_state); one compute dtype, public
     B/C layout; dt = softplus(delta + delta_bias) when `softplus`."""
@@ -519,8 +538,9 @@ class _ScanCore(torch.autograd.Function):
         out = torch.empty(batch, dim, length, dtype=u.dtype)
         ckpt = torch.empty(batch, dim, -(-length // _chunk(length)), n, dtype=u.dtype)
         last = torch.empty(batch, dim, n, dtype=u.dtype)
-        _scan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
-                  _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy(), last.numpy())
+        with _torch_threads():
+            _scan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus,
+                      _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy(), last.numpy())
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ckpt)
         ctx.flags = (has_D, has_bias, softplus)
         ctx.bc_ndim = (B.dim(), C.dim())
@@ -547,10 +567,11 @@ class _ScanCore(torch.autograd.Function):
         dD_part = torch.empty(batch, dim, dtype=ct)
         dB_buf = torch.zeros(batch * dim if shared_b else items, n, Bk.shape[3], dtype=ct)
         dC_buf = torch.zeros(batch * dim if shared_c else items, n, Ck.shape[3], dtype=ct)
-        _scan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), has_D, has_bias, softplus,
-                  _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), _np(glast_k), has_glast,
-                  shared_b, shared_c, groups, slices,
-                  du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
+        with _torch_threads():
+            _scan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus,
+                      _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), _np(glast_k), has_glast,
+                      shared_b, shared_c, groups, slices,
+                      du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
 
         def reduce_bc(buf: torch.Tensor, kshape: torch.Size, shared: bool) -> torch.Tensor:
             if shared:  # slots are (batch, dim): sum over batch
@@ -865,8 +886,9 @@ class _DirScanCore(torch.autograd.Function):
         ok = orders.contiguous()
         out = torch.empty(batch, du_, length, dtype=u.dtype)
         ckpt = torch.empty(batch, A.shape[0], -(-length // _chunk(length)), n, dtype=u.dtype)
-        _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                   _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy())
+        with _torch_threads():
+            _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
+                       _chunk(length), _rows_per_block(n), out.numpy(), ckpt.numpy())
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt)
         ctx.flags = (D is not None, delta_bias is not None, softplus)
         return out
@@ -886,9 +908,11 @@ class _DirScanCore(torch.autograd.Function):
         dD_part = torch.empty(batch, nd * du_, dtype=ct)
         dB_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
         dC_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
-        _dscan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                   _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), slices,
-                   du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(), dC_buf.numpy())
+        with _torch_threads():
+            _dscan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
+                       _chunk(length), _rows_per_block(n), _np(ckpt), _np(gout), slices,
+                       du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(),
+                       dC_buf.numpy())
         dB = dB_buf.reshape(batch, slices, nd, n, length).sum(1)
         dC = dC_buf.reshape(batch, slices, nd, n, length).sum(1)
         dD = dD_part.sum(0) if has_D else None
