@@ -106,31 +106,9 @@ def _check_destination(out: Path) -> None:
         raise DestinationError(f"--out {out}: cannot create it under {parent} (not a writable folder)")
 
 
-def evaluate(
-    checkpoint: str | Path,
-    split: str,
-    out: str | Path,
-    index_dir: str | Path | None = None,
-    data_root: str | Path | None = None,
-    protocol: str | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    tracking: bool = True,
-    text: str = "matched",
-    tracking_uri: str | None = None,
-) -> dict[str, Any]:
-    """Score `checkpoint` on every sentence of `split`; write `out` (metrics.json) atomically.
-
-    Defaults come from the checkpoint's config: index_dir = <data.processed>/<dataset>,
-    data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`. Returns the metrics dict.
-    text="shuffled" is the shuffled-text control: every sample gets the sentence of a sample of another
-    image (remamber.data.controls); the record says which in its "text" field.
-    The MLflow store is `tracking_uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db: never the one named in
-    the checkpoint, which is a file being read, not the user's choice.
-    """
-    [record] = evaluate_splits(checkpoint, {split: out}, index_dir=index_dir, data_root=data_root,
-                               protocol=protocol, batch_size=batch_size, num_workers=num_workers,
-                               tracking=tracking, text=text, tracking_uri=tracking_uri)
+def evaluate(checkpoint: str | Path, split: str, out: str | Path, **options: Any) -> dict[str, Any]:
+    """Score `checkpoint` on one split (`evaluate_splits` with one split); returns its metrics record."""
+    [record] = evaluate_splits(checkpoint, {split: out}, **options)
     return record
 
 
@@ -146,8 +124,17 @@ def evaluate_splits(
     text: str = "matched",
     tracking_uri: str | None = None,
 ) -> list[dict[str, Any]]:
-    """`evaluate` for several splits ({split: out}) of one checkpoint: the model is built and the MLflow
-    store opened once (at the demo's scale they cost more than scoring a split). Records in `outs` order."""
+    """Score `checkpoint` on every sentence of each split of `outs` ({split: out}); write each `out`
+    (metrics.json) atomically and return the records in `outs` order. The model is built and the MLflow
+    store opened once per call (at the demo's scale they cost about as much as scoring a split).
+
+    Defaults come from the checkpoint's config: index_dir = <data.processed>/<dataset>,
+    data_root = data.raw, protocol/batch_size/num_workers from `evaluate:`.
+    text="shuffled" is the shuffled-text control: every sample gets the sentence of a sample of another
+    image (remamber.data.controls); the record says which in its "text" field.
+    The MLflow store is `tracking_uri`, else MLFLOW_TRACKING_URI, else ./mlflow.db: never the one named in
+    the checkpoint, which is a file being read, not the user's choice.
+    """
     from remamber.data.checks import check_images, report_long_sentences
     from remamber.data.datasets import RefSegDataset, collate_batch
     from remamber.data.preprocess import data_hash
