@@ -12,10 +12,15 @@ the Twister keeps only its stage boundaries for backward and recomputes the rest
 Peak memory: every (case, size) runs in a fresh subprocess that first runs the case once at 64 px
 (loading the compiled scan kernels); peak = ru_maxrss after one forward+backward at the measured
 size minus the resident set (VmRSS) just before it, divided by the batch size.
-Times are the median of --repeats steps after one warm-up step.
+Times are the median of --repeats steps after one warm-up step. By default the RSS peak includes what
+glibc's allocator keeps of freed tensors (its heap grows to the high-water mark of a fragmented mix of
+sizes); --live-memory makes every tensor of 64 KiB or more its own mapping, so the peak follows the live
+tensors (closer to what a GPU's caching allocator must hold), at the price of slower times.
 
     python benchmarks/bench_model.py            # sizes 128 192 256 384 512
     python benchmarks/bench_model.py --quick    # sizes 128 192 256, fewer repeats
+    python benchmarks/bench_model.py --cases twister_block twister_block_recompute joint_attention_block \\
+        --sizes 128 256 512 --live-memory       # the Twister block's memory with and without recompute
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +36,7 @@ import sys
 import time
 
 SIZES = (128, 192, 256, 384, 512)
+LIVE_MMAP_THRESHOLD = 65536  # --live-memory: glibc serves every allocation from this size up by its own mapping
 QUICK_SIZES = (128, 192, 256)
 MODEL_CASES = ("twister", "twister_recompute", "attention", "in_context")
 BLOCK_CASES = ("twister_block", "twister_block_recompute", "joint_attention_block")
@@ -166,7 +173,10 @@ def _child(case: str, size: int, batch: int, repeats: int, threads: int) -> dict
 
 def _run(case: str, size: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps([case, size, args.batch, args.repeats, args.threads])]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if getattr(args, "live_memory", False):
+        env["MALLOC_MMAP_THRESHOLD_"] = str(LIVE_MMAP_THRESHOLD)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{case} at {size}px failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -188,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(MODEL_CASES + BLOCK_CASES),
                         choices=MODEL_CASES + BLOCK_CASES)
+    parser.add_argument("--live-memory", action="store_true",
+                        help="children run with MALLOC_MMAP_THRESHOLD_=65536: every tensor of 64 KiB or more is its own "
+                             "mapping, given back when freed, so the RSS peak follows the live tensors instead of "
+                             "glibc's heap high-water mark (times are then slower: page faults)")
     parser.add_argument("--paper", action="store_true",
                         help="the paper configuration, one image at 256 and 480 px (see _paper_table)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -208,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     for case, size in tqdm(jobs, desc="bench_model", unit="run"):
         results.setdefault(case, []).append(_run(case, size, args))
     print(f"\nforward+backward on CPU, batch {args.batch}, {args.threads} threads, median of {args.repeats} "
-          f"(peak memory: ru_maxrss delta in a fresh subprocess)")
+          f"(peak memory: ru_maxrss delta in a fresh subprocess"
+          + (f", MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}: live tensors" if args.live_memory else "") + ")")
     header = "case".ljust(24) + "".join(f"{s:>9d}px" for s in sizes) + "   exponent"
     for title, key, unit in (("time", "ms_per_image", "ms/image"), ("peak memory", "peak_mib_per_image", "MiB/image")):
         print(f"\n{title} ({unit})")

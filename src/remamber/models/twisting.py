@@ -229,14 +229,7 @@ class TwisterBlock(nn.Module):
         inputs = (image, *conditions)
         n_parts = len(inputs)
 
-        def part(p: int, *args) -> torch.Tensor:
-            """Cube part p after the channel scan's residual: LN(input p) + up(small[:, part p])."""
-            img, small_map, ln_weight, ln_bias = args[0], *args[n_parts:]
-            # channels-last, like the LayerNorm's output: the sum is one contiguous pass
-            small_p = small_map[:, p * c:(p + 1) * c].contiguous(memory_format=torch.channels_last)
-            up = F.interpolate(small_p, size=(h, w), mode="bilinear", align_corners=False)
-            return self._part(args[p], img, ln_weight, ln_bias) + up
-
+        part = _CubeParts(self, n_parts, c, h, w)
         conv = ss.conv2d
 
         def conv_act(t: torch.Tensor, weight: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
@@ -244,7 +237,7 @@ class TwisterBlock(nn.Module):
             bias = None if conv.bias is None else conv.bias[c0:c1]
             return ss.act(F.conv2d(t, weight[c0:c1], bias, conv.stride, conv.padding, conv.dilation, c1 - c0))
 
-        u = _ProjectParts.apply(part, conv_act, n_parts, *inputs, small_out, self.norm.weight, self.norm.bias,
+        u = _ProjectParts.apply(part, conv_act, *inputs, small_out, self.norm.weight, self.norm.bias,
                                 ss.in_proj.weight, conv.weight)
         d = u.shape[1]
         y = scan_in_orders_lean(ss, u.reshape(b, d, h * w), cross_scan_orders(h, w, u.device))
@@ -273,28 +266,48 @@ def _leaves(inputs, needs) -> list:
     return [t.detach().requires_grad_(bool(n)) if isinstance(t, torch.Tensor) else t for t, n in zip(inputs, needs)]
 
 
+class _CubeParts:
+    """The cube's parts after the Channel Scan's residual, part(p, *args) = LN(args[p]) + up(small[:, part p]),
+    args = (image, *conditions, small (B, P*C, g, g), LN weight, LN bias); a (B, C) condition is expanded."""
+
+    def __init__(self, block: "TwisterBlock", n_parts: int, c: int, h: int, w: int) -> None:
+        self.block, self.n_parts, self.c, self.h, self.w = block, n_parts, c, h, w
+
+    def up(self, p: int, small: torch.Tensor) -> torch.Tensor:
+        # channels-last, like the LayerNorm's output: their sum is one contiguous pass
+        small_p = small[:, p * self.c:(p + 1) * self.c].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(small_p, size=(self.h, self.w), mode="bilinear", align_corners=False)
+
+    def __call__(self, p: int, *args) -> torch.Tensor:
+        img, small, ln_weight, ln_bias = args[0], *args[self.n_parts:]
+        return self.block._part(args[p], img, ln_weight, ln_bias) + self.up(p, small)
+
+
 class _ProjectParts(torch.autograd.Function):
-    """post(sum_p W[:, p] @ part(p, *args)) for parts (B, C, H, W), W (D, P*C) and a per-channel
-    `post(x[:, c0:c1], post_weight, c0, c1)`; inputs = (*args, W, post_weight). Keeps only the inputs for
-    backward. Backward recomputes x = sum_p W_p part_p without graph, runs post's backward a few channels
-    at a time (-> gx), drops x, then recomputes and differentiates one part at a time (W_p^T gx)."""
+    """post(sum_p W[:, p] @ parts(p, *args)) for `_CubeParts` parts (B, C, H, W), W (D, P*C) and a
+    per-channel `post(x[:, c0:c1], post_weight, c0, c1)`; inputs = (*args, W, post_weight). Keeps only
+    the inputs for backward. Backward recomputes x without graph, runs post's backward a few channels at a
+    time (-> gx), drops x, then per part: g_a = W_p^T gx, the upsampled term's backward, and the
+    LayerNorm's backward a few rows at a time."""
 
     @staticmethod
-    def forward(ctx, part, post, n_parts, *inputs):
+    def forward(ctx, parts, post, *inputs):
         with torch.no_grad():
-            x = _project_parts(part, n_parts, inputs[:-2], inputs[-2])
+            x = _project_parts(parts, inputs[:-2], inputs[-2])
             out = post(x, inputs[-1], 0, x.shape[1])
-        ctx.part, ctx.post, ctx.n_parts = part, post, n_parts
+        ctx.parts, ctx.post = parts, post
         ctx.save_for_backward(*inputs)
         return out
 
     @staticmethod
     def backward(ctx, gout):
         inputs = ctx.saved_tensors
+        parts = ctx.parts
+        n = parts.n_parts
         args, weight, post_weight = inputs[:-2], inputs[-2], inputs[-1]
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[2:]
         with torch.no_grad():
-            x = _project_parts(ctx.part, ctx.n_parts, args, weight)
+            x = _project_parts(parts, args, weight)
         b, d, h, w = x.shape
         gx = torch.empty_like(x)
         g_post = torch.zeros_like(post_weight) if needs[-1] else None
@@ -308,33 +321,65 @@ class _ProjectParts(torch.autograd.Function):
                 g_post += got[1]
             del xc, pw, got
         del x
-        gx = gx.reshape(b, d, h * w)
-        grads: list = [None] * len(args)
-        g_weight = torch.zeros_like(weight) if needs[-2] else None
-        wanted = [i for i, n in enumerate(needs[:-2]) if n]
-        c = weight.shape[1] // ctx.n_parts
-        for p in range(ctx.n_parts):
+        small, ln_weight, ln_bias = args[n:]
+        eps = parts.block.norm.eps
+        c = parts.c
+        grads: list = [None] * n
+        g_small = torch.zeros_like(small) if needs[n] else None
+        g_ln_w, g_ln_b = torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)
+        g_weight = torch.zeros_like(weight)
+        for p in range(n):
             w_p = weight[:, p * c:(p + 1) * c]
-            with torch.enable_grad():
-                leaves = _leaves(args, needs)
-                a = ctx.part(p, *leaves)
-                if g_weight is not None:
-                    g_weight[:, p * c:(p + 1) * c] = torch.matmul(gx, a.detach().reshape(b, c, h * w).transpose(1, 2)).sum(0)
-                g_a = torch.bmm(w_p.t().expand(b, -1, -1), gx).reshape(b, c, h, w)
-                got = torch.autograd.grad(a, [leaves[i] for i in wanted], g_a, allow_unused=True)
-            del a, g_a, leaves
-            for i, gi in zip(wanted, got):
-                if gi is not None:
-                    grads[i] = gi if grads[i] is None else grads[i].add_(gi)
-            del got
-        return (None, None, None, *grads, g_weight, g_post)
+            g_a = torch.bmm(w_p.t().expand(b, -1, -1), gx.reshape(b, d, h * w)).reshape(b, c, h, w)
+            with torch.enable_grad():  # the upsampled Channel Scan term
+                s_leaf = small.detach().requires_grad_(bool(needs[n]))
+                up = parts.up(p, s_leaf)
+                g_w = torch.bmm(gx.reshape(b, d, h * w), up.detach().reshape(b, c, h * w).transpose(1, 2)).sum(0)
+                if needs[n]:
+                    g_small += torch.autograd.grad(up, s_leaf, g_a)[0]
+            del up, s_leaf
+            x_p = args[p]
+            if x_p.dim() == 2:  # a (B, C) condition, LayerNorm'd then expanded over the map
+                with torch.enable_grad():
+                    leaves = [x_p.detach().requires_grad_(), ln_weight.detach().requires_grad_(),
+                              ln_bias.detach().requires_grad_()]
+                    vec = F.layer_norm(leaves[0], (c,), leaves[1], leaves[2], eps)
+                    g_w += torch.einsum("bd,bc->dc", gx.sum((2, 3)), vec.detach())
+                    got = torch.autograd.grad(vec, leaves, g_a.sum((2, 3)))
+                grads[p] = got[0]
+            else:
+                g_map = torch.empty_like(x_p) if needs[p] else None
+                got = [None, torch.zeros_like(ln_weight), torch.zeros_like(ln_bias)]
+                for r0, r1 in _spans(h, b * max(c, d) * w):
+                    with torch.enable_grad():
+                        leaves = [x_p[:, :, r0:r1].detach().requires_grad_(), ln_weight.detach().requires_grad_(),
+                                  ln_bias.detach().requires_grad_()]
+                        normed = F.layer_norm(leaves[0].permute(0, 2, 3, 1), (c,), leaves[1], leaves[2], eps)
+                        g_rows = gx[:, :, r0:r1].permute(0, 2, 3, 1).reshape(b, -1, d)  # (B, rows*w, D)
+                        g_w += torch.bmm(g_rows.transpose(1, 2), normed.detach().reshape(b, -1, c)).sum(0)
+                        g_in = torch.autograd.grad(normed, leaves, g_a[:, :, r0:r1].permute(0, 2, 3, 1))
+                    if g_map is not None:
+                        g_map[:, :, r0:r1] = g_in[0]
+                    got[1] += g_in[1]
+                    got[2] += g_in[2]
+                    del leaves, normed, g_rows, g_in
+                grads[p] = g_map
+            g_ln_w += got[1]
+            g_ln_b += got[2]
+            g_weight[:, p * c:(p + 1) * c] = g_w
+            del g_a, got
+        for i in range(n):
+            if not needs[i]:
+                grads[i] = None
+        return (None, None, *grads, g_small, g_ln_w if needs[n + 1] else None, g_ln_b if needs[n + 2] else None,
+                g_weight if needs[-2] else None, g_post)
 
 
-def _project_parts(part, n_parts: int, args, weight: torch.Tensor) -> torch.Tensor:
+def _project_parts(part: _CubeParts, args, weight: torch.Tensor) -> torch.Tensor:
     """sum_p W[:, p] @ part(p, *args): (B, D, H, W), accumulated in place."""
-    c = weight.shape[1] // n_parts
+    c = part.c
     x = None
-    for p in range(n_parts):
+    for p in range(part.n_parts):
         a = part(p, *args)
         b, _, h, w = a.shape
         w_p = weight[:, p * c:(p + 1) * c]
