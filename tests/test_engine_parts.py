@@ -15,7 +15,7 @@ from remamber.engine.checkpoint import (
 from remamber.engine.distributed import (
     GlobalBatchSampler, batch_split, epoch_seed, rng_state, set_rng_state,
 )
-from remamber.engine.optim import CosineEpochSchedule, ModelEMA, cosine_lr, optimizer_groups
+from remamber.engine.optim import CosineEpochSchedule, ModelEMA, build_optimizer, cosine_lr, optimizer_groups
 
 
 def _train_cfg(**kw):
@@ -78,6 +78,27 @@ def test_cosine_schedule_per_epoch():
     opt2 = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
     CosineEpochSchedule(opt2, 0.0, 1).load_state_dict(sched.state_dict())
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_fused_adamw_steps_as_the_per_tensor_reference():
+    """build_optimizer takes the fused AdamW on CPU; its steps equal the per-tensor loop to float rounding."""
+    torch.manual_seed(0)
+    fused_model, loop_model = _Toy(), _Toy()
+    loop_model.load_state_dict(fused_model.state_dict())
+    start = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    fused = build_optimizer(fused_model, _train_cfg(), True)
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.AdamW(optimizer_groups(loop_model, _train_cfg(), True), lr=1e-3, betas=(0.9, 0.999),
+                             weight_decay=1e-4, foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in fused_model.parameters()]
+        for model, opt in ((fused_model, fused), (loop_model, loop)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(v, start[k]) for k, v in fused_model.state_dict().items())  # every one moved
 
 
 def test_ema_update_hand_computed():
