@@ -111,8 +111,9 @@ def scan_in_orders(module: nn.Module, u: torch.Tensor, orders: torch.Tensor) -> 
 
 
 # elements (batch x channels x steps) of one piece of `scan_in_orders_lean`: its delta, the scan's largest
-# saved input, is one piece at a time (2**20 fp32 values: 4 MiB; fewer, larger pieces cost the scan kernel less)
-LEAN_PIECE_ELEMENTS = 2**20
+# saved input, is one piece at a time (2**19 fp32 values: 2 MiB; much smaller pieces cost the scan kernel's
+# per-call overhead, larger ones memory)
+LEAN_PIECE_ELEMENTS = 2**19
 
 
 def _lean_chunks(batch: int, d: int, length: int) -> list[tuple[int, int]]:
