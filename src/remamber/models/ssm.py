@@ -147,6 +147,7 @@ class _LeanScan(torch.autograd.Function):
     so at most one piece's delta and scan state exist at a time."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
     def forward(ctx, u, xw, dtw, dtb, a_logs, ds, orders):
         b, d, length = u.shape
         k_dirs = orders.shape[0]
@@ -163,6 +164,7 @@ class _LeanScan(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
         u, xw, dtw, dtb, a_logs, ds, orders = ctx.saved_tensors
         b, d, length = u.shape
@@ -190,7 +192,7 @@ class _LeanScan(torch.autograd.Function):
                 del g_u, g_dbl_c, piece, u_c, dbl
             # x_dbl = W_k u: du += W_k^T g_dbl in place (no full-size temporary), dW_k = sum_b g_dbl u^T
             g_dbl = g_dbl.to(u.dtype)
-            du.baddbmm_(xw[k].t().expand(b, *xw[k].t().shape), g_dbl)
+            du.baddbmm_(xw[k].t().to(u.dtype).expand(b, -1, -1), g_dbl)
             dxw[k] += torch.matmul(u, g_dbl.transpose(1, 2)).sum(0).t()  # (D, R + 2N) products: no copy of u
         return du, dxw, ddtw, ddtb, da, dds, None
 

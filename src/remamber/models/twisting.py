@@ -291,6 +291,7 @@ class _ProjectParts(torch.autograd.Function):
     LayerNorm's backward a few rows at a time."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
     def forward(ctx, parts, post, *inputs):
         with torch.no_grad():
             x = _project_parts(parts, inputs[:-2], inputs[-2])
@@ -300,6 +301,7 @@ class _ProjectParts(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gout):
         inputs = ctx.saved_tensors
         parts = ctx.parts
@@ -386,7 +388,7 @@ def _project_parts(part: _CubeParts, args, weight: torch.Tensor) -> torch.Tensor
         if x is None:
             x = torch.bmm(w_p.expand(b, -1, -1), a.reshape(b, c, h * w))
         else:
-            x.baddbmm_(w_p.expand(b, -1, -1), a.reshape(b, c, h * w))
+            x.baddbmm_(w_p.expand(b, -1, -1).to(x.dtype), a.reshape(b, c, h * w).to(x.dtype))  # (AMP: one dtype)
     return x.reshape(b, -1, h, w)
 
 
@@ -396,6 +398,7 @@ class _RowChunks(torch.autograd.Function):
     rows at a time."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
     def forward(ctx, fn, n_maps, *inputs):
         with torch.no_grad():
             out = fn(*inputs)
@@ -404,6 +407,7 @@ class _RowChunks(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gout):
         inputs = ctx.saved_tensors
         n_maps = ctx.n_maps
