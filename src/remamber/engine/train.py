@@ -7,7 +7,6 @@ metrics are a replayable view of it). Launch under `torchrun --nproc_per_node N`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from remamber.config import ConfigError, ExperimentConfig
 from remamber.errors import RemamberError
 from remamber.fileio import atomic_write_text
 from remamber.data.catalog import pinned_pretrained
-from remamber.engine.jobs import model_config
+from remamber.engine.jobs import model_config, tracking_key
 from remamber.engine.checkpoint import (
     CheckpointError, file_sha256, frozen_reference, load_weights, read_checkpoint, save_checkpoint,
 )
@@ -56,12 +55,6 @@ class NonFiniteLossError(RemamberError, FloatingPointError):
 def _log(info: DistInfo, message: str) -> None:
     if info.is_main:
         tqdm.write(message, file=sys.stderr)
-
-
-def out_dir_id(out_dir: str | Path) -> str:
-    """A short stable id of an output folder (its absolute path): part of the MLflow run key, so two
-    trainings of one model in different folders get two runs."""
-    return hashlib.sha256(os.path.abspath(os.fspath(out_dir)).encode("utf-8")).hexdigest()[:12]
 
 
 def _remove_stale_temporaries(out_dir: Path) -> list[Path]:
@@ -188,8 +181,8 @@ def _train(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, o
         _log(info, f"[train] no {t.last_path}: starting {t.run_key} from scratch")
     t.ddp_model, t.bn_replay = _wrap_for_ddp(t.model, info, device)
 
-    tracker_run = _open_tracking(cfg, info, experiment, t.meta_base, tables, fresh=t.start_epoch == 0,
-                                 uri=tracking_uri)
+    tracker_run = _open_tracking(cfg, info, experiment, t.meta_base, tables,
+                                 tracking_key(t.run_key, out_dir), fresh=t.start_epoch == 0, uri=tracking_uri)
     with tracker_run as run:
         run.log_dataset(dataset, t.meta_base["data_hash"], t.meta_base["index"], "train")
         run.sync_history(t.history, TRACKED_KEYS, "epoch")  # what a kill or a store outage kept from it
@@ -255,7 +248,7 @@ def _set_up(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, 
         "model_config": model_cfg.to_dict(), "dataset": dataset, "variant": variant,
         "resolution": resolution, "data_hash": d_hash, "run_key": run_key, "experiment": experiment,
         "tables": list(tables), "world_size": info.world_size,
-        "tracking_key": f"{run_key}@{out_dir_id(out_dir)}", "index": str(index_dir),
+        "index": str(index_dir),
     }
     return _Training(cfg, info, device, run_key, accumulation, train_ds, val_ds, model, frozen, optimizer,
                      schedule, amp_dtype, scaler, ema, meta_base, out_dir)
@@ -473,7 +466,7 @@ def _check_resumable(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> 
 
 
 def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, meta: dict[str, Any],
-                   tables: list[str], fresh: bool, uri: str | None):
+                   tables: list[str], key: str, fresh: bool, uri: str | None):
     """The MLflow run of this model (keyed by run key and output folder) on rank 0; a no-op handle
     elsewhere or when tracking is off. `fresh`: the history starts again, so a run that already holds
     metrics under this key is superseded rather than mixed with the new ones."""
@@ -488,5 +481,5 @@ def _open_tracking(cfg: ExperimentConfig, info: DistInfo, experiment: str, meta:
             "remamber.config_name": cfg.name, "remamber.index": meta["index"]}
     params = {**cfg.to_dict(), "job": {"dataset": meta["dataset"], "variant": meta["variant"],
                                        "resolution": meta["resolution"]}}
-    return tracker.training_run(experiment, meta["tracking_key"], params=params, tags=tags,
+    return tracker.training_run(experiment, key, params=params, tags=tags,
                                 run_name=meta["run_key"], fresh=fresh)
