@@ -101,3 +101,53 @@ def test_ema_select_raw_trains_with_an_ema_but_validates_and_keeps_the_raw_model
     loader = torch.utils.data.DataLoader(val, batch_size=4, shuffle=False, collate_fn=collate_batch)
     scores = score_loader(model, loader, "original", torch.device("cpu")).result()
     assert scores["mIoU"] == pytest.approx(out["best_val_mIoU"], abs=1e-9)
+
+
+def test_paper_precision_fp16_with_a_grad_scaler_and_fp32_validation_and_evaluation(tmp_path, monkeypatch):
+    """The authors' precision on a GPU, emulated on CPU (the AMP dtype choice answers float16 as it does on
+    CUDA): training under fp16 autocast with an active GradScaler; validation and evaluation with no
+    autocast at all (eval_amp false), so they score in fp32."""
+    import yaml
+    from test_engine_train import _config_dict
+
+    import remamber.engine.evaluate as evaluate_module
+    import remamber.engine.train as train_module
+    from remamber.data.preprocess import preprocess
+    from remamber.data.synth import write_synthetic
+    from remamber.engine.checkpoint import read_checkpoint
+
+    write_synthetic(tmp_path / "raw", seed=0, size="tiny", progress=False)
+    preprocess(tmp_path / "raw", "refcoco", tmp_path / "processed" / "refcoco", progress=False)
+    cfg = _config_dict(tmp_path / "raw", tmp_path / "processed", epochs=1, amp=True, amp_dtype="float16",
+                       eval_amp=False, ema_decay=0.5, ema_select="raw", val_subset=4)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def as_on_cuda(enabled, device, choice="auto"):
+        return torch.float16 if enabled and choice == "float16" else None
+
+    scored_with: list = []
+
+    def recording(score):
+        def wrapped(*args, **kwargs):
+            scored_with.append(kwargs.get("amp_dtype"))
+            return score(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train_module, "_amp_dtype", as_on_cuda)
+    monkeypatch.setattr(train_module, "score_loader", recording(train_module.score_loader))
+    out = train_module.train(tmp_path / "cfg.yaml", "refcoco", "twister", 32, tmp_path / "run")
+    scaler = read_checkpoint(out["last"])["training"]["scaler"]
+    assert scaler.get("scale") is not None  # the GradScaler was enabled (a disabled one saves {})
+    assert scored_with == [None]  # validation: no autocast
+
+    monkeypatch.setattr(evaluate_module, "amp_dtype_for", as_on_cuda)
+    monkeypatch.setattr(evaluate_module, "score_loader", recording(evaluate_module.score_loader))
+    evaluate_module.evaluate(out["best"], "testB", tmp_path / "testB.json", tracking=False,
+                             index_dir=tmp_path / "processed" / "refcoco", data_root=tmp_path / "raw")
+    assert scored_with == [None, None]  # evaluation: no autocast either
+
+    # and with our eval_amp (true) the same emulated GPU validates under fp16 autocast
+    cfg["train"]["eval_amp"] = True
+    (tmp_path / "ours.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    train_module.train(tmp_path / "ours.yaml", "refcoco", "twister", 32, tmp_path / "ours")
+    assert scored_with[-1] is torch.float16
