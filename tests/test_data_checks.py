@@ -92,6 +92,13 @@ def test_training_reports_sentences_cut_at_max_text_len(data, tmp_path, caplog):
     # evaluation: the same checks before scoring, and a batch size of 0 is an error, not the default
     from remamber.engine.evaluate import evaluate
 
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remamber.data.checks"):
+        evaluate(tmp_path / "out" / "best.pt", "testA", tmp_path / "testA.json", tracking=False)
+    sentences = split_sentences(processed / "refcoco", "testA")
+    n = sum(n > 4 for n in hf_token_lengths(tokenizer)(sentences))
+    assert f"testA.parquet: {n} of {len(sentences)} sentences are longer than max_text_len = 4" in caplog.text
+    assert "train.parquet" not in caplog.text  # only the splits the job reads
     copy, victim = _without_a_val_image(data, tmp_path)
     with pytest.raises(MissingImageError, match=rf"\(val: 1\), e\.g\. .*{victim}"):
         evaluate(tmp_path / "out" / "best.pt", "val", tmp_path / "m.json", data_root=copy, tracking=False)
@@ -107,6 +114,15 @@ def test_training_reports_sentences_cut_at_max_text_len(data, tmp_path, caplog):
 
     own = tmp_path / "my photo.jpg"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(own)
+    # a sentence longer than max_text_len is cut: said, not silent ([CLS] the big red one [SEP]: 6 tokens)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remamber"):
+        predict(tmp_path / "out" / "best.pt", own, "the big red one", tmp_path / "whole.png")
+    assert "the text has 6 tokens, more than max_text_len = 4: only its first 4 are read" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remamber"):
+        predict(tmp_path / "out" / "best.pt", own, "red", tmp_path / "whole.png")
+    assert "max_text_len" not in caplog.text
     own.write_bytes(own.read_bytes()[:300])
     with pytest.raises(ImageFileError, match=r"my photo\.jpg: not a readable image \("):
         predict(tmp_path / "out" / "best.pt", own, "the red one", tmp_path / "o.png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -86,14 +87,35 @@ def hf_token_lengths(tokenizer) -> Callable[[list[str]], list[int]]:
     return lengths
 
 
-def report_long_sentences(model, index_dir: str | os.PathLike, splits: Iterable[str]) -> dict[str, int]:
-    """count_long_sentences for each split with the model's own tokenizer and max_text_len (None when the
-    model has no Hugging Face text encoder); returns {split: count}."""
+def _tokenizer_and_limit(model) -> tuple[Any, int | None]:
+    """The model's Hugging Face tokenizer and max_text_len (None, None without such a text encoder)."""
     encoder = getattr(model, "text_encoder", None)
     tokenizer, max_len = getattr(encoder, "tokenizer", None), getattr(encoder, "max_text_len", None)
     if tokenizer is None or max_len is None:
+        return None, None
+    return tokenizer, int(max_len)
+
+
+def report_long_sentences(model, index_dir: str | os.PathLike, splits: Iterable[str]) -> dict[str, int]:
+    """count_long_sentences for each split with the model's own tokenizer and max_text_len (None when the
+    model has no Hugging Face text encoder); returns {split: count}."""
+    tokenizer, max_len = _tokenizer_and_limit(model)
+    if tokenizer is None:
         return {}
     counter = hf_token_lengths(tokenizer)
-    return {split: count_long_sentences(split_sentences(index_dir, split), counter, int(max_len),
+    return {split: count_long_sentences(split_sentences(index_dir, split), counter, max_len,
                                         f"{index_path(index_dir, split)}")
             for split in splits}
+
+
+def report_long_text(model, text: str) -> int | None:
+    """The token count of one expression (prediction on one's own image), with a warning when the text
+    encoder will cut it at max_text_len; None when the model has no Hugging Face text encoder."""
+    tokenizer, max_len = _tokenizer_and_limit(model)
+    if tokenizer is None:
+        return None
+    [n] = hf_token_lengths(tokenizer)([text])
+    if n > max_len:
+        log.warning("the text has %d tokens, more than max_text_len = %d: only its first %d are read "
+                    "(special tokens included)", n, max_len, max_len)
+    return n

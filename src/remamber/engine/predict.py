@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from remamber.data.checks import ImageFileError
+from remamber.data.checks import ImageFileError, report_long_text
 from remamber.engine.checkpoint import load_model
 from remamber.engine.evaluate import logits_to_masks
 
@@ -60,6 +60,7 @@ def predict(
         raise ImageFileError(f"{image_path}: not a readable image ({exc})") from exc
 
     model, meta = load_model(checkpoint)
+    report_long_text(model, text)  # a cut expression is said, not silent
     tensor = image_to_tensor(pil, int(meta["resolution"]))[None]  # (1, 3, R, R)
     input_ids, attention_mask = model.tokenize([text])
     logits = model(tensor, input_ids, attention_mask)  # (1, 1, R, R)
