@@ -358,3 +358,42 @@ def test_cli_train_errors_are_one_line(tmp_path, data_dirs, capsys):
         assert main([*args[:-1], str(tmp_path / "new"), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == ["remamber: error: --device cuda: CUDA is not available here (use --device cpu)"]
+
+
+def test_store_outage_at_the_last_epoch_is_replayed_by_resume(tmp_path, data_dirs, monkeypatch):
+    """Issue 12 item 10: with on_error: warn, a store that fails when the last epoch's metrics are logged
+    leaves that epoch out of MLflow; `--resume` on the finished folder trains nothing and logs it from
+    history.json, once, and the run ends FINISHED."""
+    from mlflow import MlflowClient as Client
+
+    from remamber.tracking.tracker import TrackingWarning
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    raw = _config_dict(*data_dirs, epochs=2, ema_decay=None, freeze_text_encoder=True)
+    raw["tracking"] = {"enabled": True, "uri": uri, "on_error": "warn"}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = ExperimentConfig.from_yaml(tmp_path / "cfg.yaml")
+    out = tmp_path / "run"
+    real_log_batch = Client.log_batch
+
+    def store_down_at_epoch_2(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step == 2 for m in metrics):
+            raise OSError("database disk image is malformed")
+        return real_log_batch(self, run_id, metrics, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Client, "log_batch", store_down_at_epoch_2)
+        with pytest.warns(TrackingWarning, match="malformed"):
+            train_module.train(cfg, "refcoco", "twister", RES, out)
+    client, [run] = _runs(uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # epoch 2 lost
+    last_before = (out / "last.pt").read_bytes()
+
+    train_module.train(cfg, "refcoco", "twister", RES, out, resume=True)
+    assert (out / "last.pt").read_bytes() == last_before  # nothing trained again
+    history = json.loads((out / "history.json").read_text())
+    client, [run] = _runs(uri)
+    assert run.info.status == "FINISHED"
+    for key in train_module.TRACKED_KEYS:
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        assert logged == [(h["epoch"], h[key]) for h in history], key
