@@ -122,8 +122,8 @@ def test_bad_option_values_are_refused(capsys, argv, fragment):
     assert fragment in capsys.readouterr().err
 
 
-def test_layer_warnings_reach_the_user_as_one_line_each(tmp_path):
-    """preprocess's warning (no expected counts) is printed by the command, prefixed, one line."""
+def _tiny_refer(tmp_path):
+    """tmp_path/raw: one image, one ref of dataset 'toy', an object with a 2-point polygon part."""
     import json
 
     from PIL import Image
@@ -140,6 +140,11 @@ def test_layer_warnings_reach_the_user_as_one_line_each(tmp_path):
         "annotations": [{"id": 2, "image_id": 3, "bbox": [0, 0, 2, 2],
                          "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4], [1, 1, 2, 2]]}],
         "categories": [{"id": 1}]}))
+
+
+def test_layer_warnings_reach_the_user_as_one_line_each(tmp_path):
+    """preprocess's warning (no expected counts) is printed by the command, prefixed, one line."""
+    _tiny_refer(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "REMAMBER_DEBUG"}
     out = subprocess.run([sys.executable, "-m", "remamber.cli", "preprocess", "--data-root", str(tmp_path / "raw"),
                           "--dataset", "toy", "--split-by", "unc", "--out", str(tmp_path / "idx")],
@@ -155,3 +160,26 @@ def test_unknown_synthetic_size_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("remamber: error: --size: unknown synthetic size 'huge'; choose one of tiny, demo")
     assert not (tmp_path / "s").exists()
+
+
+def test_count_mismatch_is_the_message_without_traceback(tmp_path, capsys, monkeypatch):
+    """Issue 12 item 6: counts that differ from the published ones reach the user as the message alone
+    (one line per difference), exit status 2 (the checksum error's twin is in test_data_fetch.py)."""
+    import hashlib
+
+    import yaml
+
+    monkeypatch.delenv("REMAMBER_DEBUG", raising=False)
+    _tiny_refer(tmp_path)
+    catalog = {"archives": {"blob": {"filename": "blob.zip", "urls": ["https://example.org/blob.zip"],
+                                     "size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}},
+               "datasets": {"toy": {"archives": ["blob"], "split_by": "unc",
+                                    "counts": {"train": {"objects": 1, "images": 1, "sentences": 2}}}}}
+    (tmp_path / "datasets.yaml").write_text(yaml.safe_dump(catalog))
+    assert main(["preprocess", "--data-root", str(tmp_path / "raw"), "--dataset", "toy", "--split-by", "unc",
+                 "--expected-counts", str(tmp_path / "datasets.yaml"), "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "\nremamber: error: toy (unc) in " in err and "counts do not match" in err, err  # after the bar
+    assert "train sentences: expected 2, found 1" in err and "Traceback" not in err
+    assert not (tmp_path / "idx" / "meta.json").exists()
+

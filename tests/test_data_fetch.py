@@ -393,3 +393,19 @@ def test_cli_fetch_retries_and_timeout(server, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["fetch", "blob", "--dest", str(tmp_path), *bad])
         assert exit_info.value.code == 2
+
+
+def test_cli_checksum_error_is_the_message_without_traceback(server, tmp_path, capsys, monkeypatch):
+    """Issue 12 item 6: every mirror serving a bad file ends the command with the message alone (one line
+    per mirror), exit status 2; the bad copy is moved aside."""
+    from remamber.cli import main
+
+    monkeypatch.delenv("REMAMBER_DEBUG", raising=False)
+    server.files["/blob.zip"] = PAYLOAD
+    server.corrupt.add("/blob.zip")
+    cat = _catalog(tmp_path, [server.base + "/blob.zip"])
+    assert main(["fetch", "blob", "--dest", str(tmp_path / "raw"), "--datasets-yaml", str(cat)]) == 2
+    err = capsys.readouterr().err
+    assert "\nremamber: error: blob.zip: checksum verification failed on every mirror:\n" in err, err
+    assert "sha256 mismatch" in err and "Traceback" not in err
+    assert (tmp_path / "raw" / "blob.zip.corrupt").is_file() and not (tmp_path / "raw" / "blob.zip").exists()
