@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,15 @@ from PIL import Image
 from remamber.data.checks import ImageFileError, report_long_text
 from remamber.engine.checkpoint import load_model
 from remamber.engine.evaluate import logits_to_masks
+from remamber.fileio import atomic_open
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 OVERLAY_ALPHA = 0.5
 
 
 def _save_png_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_open(path) as fh:  # the package's writer: umask honoured, no temporary left on an error
+        image.save(fh, format="PNG")
 
 
 def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
