@@ -19,7 +19,8 @@ from remamber.engine.optim import CosineEpochSchedule, ModelEMA, build_optimizer
 
 
 def _train_cfg(**kw):
-    base = dict(lr_new=1e-3, lr_pretrained=2e-4, weight_decay=1e-4, betas=(0.9, 0.999), min_lr=1e-5)
+    base = dict(lr_new=1e-3, lr_pretrained=2e-4, weight_decay=1e-4, betas=(0.9, 0.999), min_lr=1e-5,
+                weight_decay_scope="weights")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -295,3 +296,77 @@ def test_prediction_png_writer_leaves_nothing_when_a_save_fails(tmp_path, monkey
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mask.png"]
     with Image.open(tmp_path / "out" / "mask.png") as im:
         assert im.format == "PNG" and im.size == (4, 3)
+
+
+# --- The authors' optimiser recipe as options (issue 14): train.weight_decay_scope, train.lr_schedule ---
+
+def _decay_by_name(model, groups):
+    by_id = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    return {name: by_id[id(p)] for name, p in model.named_parameters()}
+
+
+def test_weight_decay_scope_per_parameter_name():
+    """weights (ours): biases, norm weights and marked SSM parameters are exempt; all (the authors' AdamW
+    with groups that set no decay of their own): every parameter decays by weight_decay."""
+    model = _Toy()
+    ours = _decay_by_name(model, optimizer_groups(model, _train_cfg(weight_decay_scope="weights"), True))
+    assert ours == {"A_log": 0.0, "text.weight": 1e-4, "text.bias": 0.0,
+                    "backbone.0.weight": 1e-4, "backbone.0.bias": 0.0,
+                    "backbone.1.weight": 0.0, "backbone.1.bias": 0.0,
+                    "head.weight": 1e-4, "head.bias": 0.0}
+    authors = _decay_by_name(model, optimizer_groups(model, _train_cfg(weight_decay_scope="all"), True))
+    assert authors == {name: 1e-4 for name, _ in model.named_parameters()}
+    # The learning rates do not depend on the scope; "all" leaves no empty no_decay groups.
+    groups = optimizer_groups(model, _train_cfg(weight_decay_scope="all"), True)
+    assert {g["name"]: g["lr"] for g in groups} == {
+        "text_encoder/decay": 2e-4, "backbone/decay": 2e-4, "new/decay": 1e-3}
+    opt = build_optimizer(model, _train_cfg(weight_decay_scope="all"), True)
+    assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    with pytest.raises(ValueError, match="weight_decay_scope"):
+        optimizer_groups(model, _train_cfg(weight_decay_scope="some"), True)
+
+
+def test_weight_decay_scope_on_the_model_exempts_its_ssm_parameters():
+    """On the built tiny model: "weights" exempts every 1-D parameter and every A_logs/Ds, decays the rest;
+    "all" decays every parameter."""
+    from remamber.models import build_model, variant_config
+
+    torch.manual_seed(0)
+    model = build_model(variant_config("twister", local_dim=16, channel_scan_grid=4, channel_scan_width=16))
+    ours = _decay_by_name(model, optimizer_groups(model, _train_cfg(weight_decay_scope="weights"), False))
+    exempt = {n for n, p in model.named_parameters()
+              if p.ndim == 1 or n.endswith("A_logs") or n.endswith("Ds")}
+    assert any(n.endswith("A_logs") for n in exempt) and any(n.endswith("Ds") for n in exempt)
+    assert {n for n, wd in ours.items() if wd == 0.0} == exempt
+    assert {wd for n, wd in ours.items() if n not in exempt} == {1e-4}
+    authors = _decay_by_name(model, optimizer_groups(model, _train_cfg(weight_decay_scope="all"), False))
+    assert set(authors.values()) == {1e-4}
+
+
+# lr(e) for base 1e-3, min 1e-5, 4 epochs, computed by hand: 1e-5 + 9.9e-4 * (1 + cos(pi * t / 4)) / 2
+# t = 0: 1e-3; t = 1: 1e-5 + 9.9e-4 * 0.8535533906 = 8.5501785669e-4; t = 2: 5.05e-4;
+# t = 3: 1e-5 + 9.9e-4 * 0.1464466094 = 1.5498214331e-4.
+_OURS = [1e-3, 8.5501785669e-4, 5.05e-4, 1.5498214331e-4]
+# The authors': timm's CosineLRScheduler stepped after each epoch with that epoch's index, so epoch e runs
+# at t = e - 1 (epoch 0 at the base rate the optimizer was built with).
+_AUTHORS = [1e-3, 1e-3, 8.5501785669e-4, 5.05e-4]
+
+
+@pytest.mark.parametrize(("lagged", "want"), [(False, _OURS), (True, _AUTHORS)])
+def test_cosine_schedule_lr_per_epoch_by_hand(lagged, want):
+    model = _Toy()
+    opt = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
+    sched = CosineEpochSchedule(opt, 1e-5, 4, lagged=lagged)
+    got = []
+    for epoch in range(4):
+        sched.set_epoch(epoch)
+        got.append(_group(opt.param_groups, "new/decay")["lr"])
+        # Every group follows the same cosine factor between its own base rate and min_lr.
+        factor = (want[epoch] - 1e-5) / 9.9e-4
+        assert _group(opt.param_groups, "text_encoder/decay")["lr"] == pytest.approx(
+            1e-5 + 1.9e-4 * factor, rel=1e-9)
+    assert got == pytest.approx(want, rel=1e-9)
+    # A resumed schedule (built from the same config) sets the same rates.
+    opt2 = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
+    CosineEpochSchedule(opt2, 1e-5, 4, lagged=lagged).load_state_dict(sched.state_dict())
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]

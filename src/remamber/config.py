@@ -252,6 +252,10 @@ class TrainConfig:
     eval_amp: bool = True  # False: validation and evaluation in fp32, as the authors
     ema_select: str = "ema"  # which weights validation scores, selects best.pt by and evaluate uses by
     #                          default when ema_decay is set; raw: the authors' (EMA kept, not used)
+    weight_decay_scope: str = "weights"  # weights: biases, norm weights, SSM A_logs/Ds not decayed (ours);
+    #                                      all: every parameter decays, as the authors' AdamW
+    lr_schedule: str = "cosine"  # cosine: epoch e at cos(pi e / epochs) (ours); cosine_lagged: the authors'
+    #                              timm scheduler stepped after each epoch, so epoch e runs at e-1's (0 at 0)
 
 
 @dataclass(frozen=True)
@@ -361,11 +365,14 @@ _TRAIN_SPEC: dict[str, Checker] = {
     "amp_dtype": _as_str(("auto", "float16", "bfloat16")),
     "eval_amp": _as_bool,
     "ema_select": _as_str(("ema", "raw")),
+    "weight_decay_scope": _as_str(("weights", "all")),
+    "lr_schedule": _as_str(("cosine", "cosine_lagged")),
 }
 # Keys added after the first params files: optional, and left out of config_hash at their default, so
 # the hash (and resumability) of a file that does not use them is unchanged.
 _TRAIN_DEFAULTS: dict[str, Any] = {"freeze_text_encoder": False, "amp_dtype": "auto", "eval_amp": True,
-                                   "ema_select": "ema"}
+                                   "ema_select": "ema", "weight_decay_scope": "weights",
+                                   "lr_schedule": "cosine"}
 _DATA_DEFAULTS: dict[str, Any] = {"text_field": "raw"}
 
 _EVALUATE_SPEC: dict[str, Checker] = {

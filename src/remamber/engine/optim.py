@@ -12,6 +12,7 @@ from torch import nn
 from remamber.config import TrainConfig
 
 GROUP_NAMES = ("text_encoder", "backbone", "new")
+WEIGHT_DECAY_SCOPES = ("weights", "all")
 
 
 def _no_decay(p: torch.Tensor) -> bool:
@@ -25,10 +26,16 @@ def optimizer_groups(
     """AdamW groups from `model.param_groups()`.
 
     The text encoder is always pretrained (lr_pretrained); the backbone is at lr_pretrained only when it
-    was initialised from ImageNet weights, else it counts as new (lr_new). Each group is split into a
-    weight-decay part and a no-decay part (norms, biases). Every trainable parameter must be in exactly
+    was initialised from ImageNet weights, else it counts as new (lr_new). With `train.weight_decay_scope`
+    "weights" (ours) each group is split into a weight-decay part and a no-decay part (biases, norm weights,
+    parameters marked `_no_weight_decay` such as the SSMs' A_logs/Ds); with "all" (the authors' AdamW, whose
+    groups set no decay of their own) every parameter decays. Every trainable parameter must be in exactly
     one group.
     """
+    scope = train.weight_decay_scope
+    if scope not in WEIGHT_DECAY_SCOPES:
+        raise ValueError(f"train.weight_decay_scope {scope!r} is not one of {list(WEIGHT_DECAY_SCOPES)}")
+    exempt = _no_decay if scope == "weights" else (lambda p: False)
     groups = model.param_groups()
     if set(groups) != set(GROUP_NAMES):
         raise ValueError(f"model.param_groups() returned {sorted(groups)}, expected {list(GROUP_NAMES)}")
@@ -42,8 +49,8 @@ def optimizer_groups(
             if id(p) in seen:
                 raise ValueError(f"a parameter appears in more than one of model.param_groups() ({name})")
             seen.add(id(p))
-        decay = [p for p in params if not _no_decay(p)]
-        no_decay = [p for p in params if _no_decay(p)]
+        decay = [p for p in params if not exempt(p)]
+        no_decay = [p for p in params if exempt(p)]
         for suffix, plist, wd in (("decay", decay, train.weight_decay), ("no_decay", no_decay, 0.0)):
             if plist:
                 out.append({"params": plist, "lr": lr, "base_lr": lr, "weight_decay": wd,
@@ -74,16 +81,23 @@ def cosine_lr(base_lr: float, min_lr: float, epoch: int, epochs: int) -> float:
 
 
 class CosineEpochSchedule:
-    """Sets every group's lr from its `base_lr` at the start of each epoch (state: the epoch)."""
+    """Sets every group's lr from its `base_lr` at the start of each epoch (state: the epoch).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, min_lr: float, epochs: int) -> None:
-        self.optimizer, self.min_lr, self.epochs = optimizer, min_lr, epochs
+    lagged=False (ours, `train.lr_schedule: cosine`): epoch e at cosine_lr(..., e, epochs).
+    lagged=True (`cosine_lagged`, the authors'): their timm CosineLRScheduler is stepped after each epoch
+    with the index of the epoch just finished, so epoch e runs at cosine_lr(..., max(e - 1, 0), epochs):
+    epochs 0 and 1 both at the base rate, the last epoch at our second-to-last's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, min_lr: float, epochs: int, lagged: bool = False) -> None:
+        self.optimizer, self.min_lr, self.epochs, self.lagged = optimizer, min_lr, epochs, lagged
         self.epoch = -1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        t = max(epoch - 1, 0) if self.lagged else epoch
         for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(group["base_lr"], self.min_lr, epoch, self.epochs)
+            group["lr"] = cosine_lr(group["base_lr"], self.min_lr, t, self.epochs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "min_lr": self.min_lr, "epochs": self.epochs}

@@ -238,7 +238,7 @@ def _set_up(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, 
     if info.is_main:
         report_long_sentences(model, index_dir, ["train", "val"])  # a warning with the count, not silence
     optimizer = build_optimizer(model, tc, model_cfg.pretrained_backbone is not None)
-    schedule = CosineEpochSchedule(optimizer, tc.min_lr, tc.epochs)
+    schedule = CosineEpochSchedule(optimizer, tc.min_lr, tc.epochs, lagged=tc.lr_schedule == "cosine_lagged")
     amp_dtype = _amp_dtype(tc.amp, device, tc.amp_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEMA(model, tc.ema_decay) if tc.ema_decay is not None else None
