@@ -25,17 +25,37 @@ def test_paper_config_is_the_authors():
     t = cfg.train
     assert (t.amp, t.amp_dtype, t.eval_amp) == (True, "float16", False)
     assert (t.ema_decay, t.ema_select) == (0.9999, "raw")
+    assert (t.weight_decay, t.weight_decay_scope, t.lr_schedule) == (1e-4, "all", "cosine_lagged")
 
 
 def test_the_demo_keeps_our_defaults():
     cfg = ExperimentConfig.from_yaml(ROOT / "params" / "demo.yaml")
     assert (cfg.data.mask_mode, cfg.data.text_field) == ("union", "raw")
     assert (cfg.train.amp_dtype, cfg.train.eval_amp, cfg.train.ema_select) == ("auto", True, "ema")
+    assert (cfg.train.weight_decay_scope, cfg.train.lr_schedule) == ("weights", "cosine")
+
+
+def test_optimizer_options_at_their_defaults_leave_the_config_hash_unchanged():
+    """The demo does not set the two optimiser options: writing their defaults changes neither its
+    config_hash (so its runs stay resumable) nor its behaviour; the authors' values change the hash."""
+    text = (ROOT / "params" / "demo.yaml").read_text()
+    assert "weight_decay_scope" not in text and "lr_schedule" not in text
+    demo = ExperimentConfig.from_yaml(ROOT / "params" / "demo.yaml")
+    raw = demo.to_dict()
+    assert (raw["train"]["weight_decay_scope"], raw["train"]["lr_schedule"]) == ("weights", "cosine")
+    before = demo.config_hash()
+    assert ExperimentConfig.from_dict(raw).config_hash() == before
+    del raw["train"]["weight_decay_scope"], raw["train"]["lr_schedule"]
+    assert ExperimentConfig.from_dict(raw).config_hash() == before
+    raw["train"].update(weight_decay_scope="all")
+    assert ExperimentConfig.from_dict(raw).config_hash() != before
 
 
 @pytest.mark.parametrize(("section", "key", "value", "message"), [
     ("train", "amp_dtype", "half", r"train\.amp_dtype: 'half' is not one of"),
     ("train", "ema_select", "best", r"train\.ema_select: 'best' is not one of"),
+    ("train", "weight_decay_scope", "bias", r"train\.weight_decay_scope: 'bias' is not one of"),
+    ("train", "lr_schedule", "step", r"train\.lr_schedule: 'step' is not one of"),
     ("data", "text_field", "tokens", r"data\.text_field: 'tokens' is not one of"),
 ])
 def test_bad_option_values_are_named(section, key, value, message):
