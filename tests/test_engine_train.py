@@ -397,3 +397,14 @@ def test_store_outage_at_the_last_epoch_is_replayed_by_resume(tmp_path, data_dir
     for key in train_module.TRACKED_KEYS:
         logged = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
         assert logged == [(h["epoch"], h[key]) for h in history], key
+
+
+@pytest.mark.parametrize(("lr_schedule", "want"), [("cosine", [1e-3, 5.05e-4]), ("cosine_lagged", [1e-3, 1e-3])])
+def test_lr_schedule_reaches_the_training(tmp_path, data_dirs, lr_schedule, want):
+    """train.lr_schedule is what the training runs: over 2 epochs ours halves the way to min_lr at epoch 2
+    (1e-5 + 9.9e-4 / 2); the authors' lagged cosine runs epochs 1 and 2 both at the base rate."""
+    cfg = _write_config(tmp_path / "cfg.yaml", data_dirs, ema_decay=None, freeze_text_encoder=True,
+                        lr_schedule=lr_schedule, weight_decay_scope="all")
+    train_module.train(cfg, "refcoco", "twister", RES, tmp_path / "out")
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["lr"] for h in history] == pytest.approx(want, rel=1e-12)
