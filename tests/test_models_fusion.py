@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from remamber.models import dice_bce_loss
 from remamber.models.attention import CrossAttention
-from remamber.models.decoder import ConvDecoder, MambaDecoder, build_decoder
+from remamber.models.decoder import ConvDecoder, LogitHead, MambaDecoder, build_decoder
 from remamber.models.in_context import InContextBlock
 from remamber.models.interaction import LocalInteraction
 from remamber.models.norm_adaptation import FiLMLayerNorm2d
@@ -219,6 +219,26 @@ def test_decoders_reach_the_input_size(kind, size):
     assert isinstance(decoder, ConvDecoder if kind == "conv" else MambaDecoder)
     with pytest.raises(ValueError, match="unknown decoder 'mlp'"):
         build_decoder("mlp", dims)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (24, 24)])
+def test_logit_head_is_a_3x3_convolution_to_one_channel(size):
+    """The head's tap-sum form against torch's direct convolution in float64: output and every gradient."""
+    torch.manual_seed(0)
+    head = LogitHead(6)
+    x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
+    weight = head.weight.detach().double().requires_grad_()
+    bias = head.bias.detach().double().requires_grad_()
+    want = F.conv2d(x, weight, bias, padding=1)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, weight, bias], g)
+    head = head.double()
+    got = head(x)
+    got_grads = torch.autograd.grad(got, [x, head.weight, head.bias], g)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert isinstance(head, torch.nn.Conv2d) and sorted(head.state_dict()) == ["bias", "weight"]
 
 
 def test_dice_bce_loss_by_hand():

@@ -19,7 +19,9 @@ from torch import nn
 from remamber.models.layers import LayerNorm2d, Linear2d
 from remamber.models.ss2d import VSSBlock
 
-__all__ = ["DECODERS", "ConvBlock", "ConvDecoder", "MambaDecoder", "build_decoder", "he_normal_fan_out_init"]
+__all__ = [
+    "DECODERS", "ConvBlock", "ConvDecoder", "LogitHead", "MambaDecoder", "build_decoder", "he_normal_fan_out_init",
+]
 
 DECODERS = ("conv", "mamba")
 
@@ -53,6 +55,31 @@ class VSSMixer(nn.Module):
         return self.blocks(self.norm(self.proj(x)))
 
 
+class LogitHead(nn.Conv2d):
+    """(B, C, H, W) -> (B, 1, H, W): a 3x3 convolution to one logit, padding 1 (an `nn.Conv2d`: same
+    parameters, state-dict keys and initialisation).
+
+    Computed as one 1x1 convolution to the nine taps' partial sums (B, 9, H, W), then the nine maps
+    shifted into place and added: the same sums up to float rounding, and on CPU several times faster
+    in forward and backward than the direct kernel, which handles a single output channel poorly
+    (demo twister at 48 px: 37 of about 330 ms per training step went to this one layer).
+    """
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__(in_dim, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        taps = self.weight[0].reshape(x.shape[1], 9).t()  # (9, C): tap (i, j) at row 3 * i + j
+        partial = F.pad(F.conv2d(x, taps[:, :, None, None]), (1, 1, 1, 1))  # (B, 9, H + 2, W + 2)
+        # out[y, x] = sum over taps (i, j) of partial_(i, j)[y + i - 1, x + j - 1]: padded offsets i, j
+        out = self.bias.view(1, 1, 1, 1)
+        for i in range(3):
+            for j in range(3):
+                out = out + partial[:, 3 * i + j:3 * i + j + 1, i:i + h, j:j + w]
+        return out
+
+
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
@@ -72,7 +99,7 @@ class _Decoder(nn.Module):
             nn.Conv2d(hidden + dims[0], hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU()
         )
         self.neck_mid = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU())
-        self.head = nn.Conv2d(hidden, 1, 3, padding=1)
+        self.head = LogitHead(hidden)
 
     def forward(self, features: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         """features: [(B, C_1, h_1, w_1), ..., (B, C_4, h_4, w_4)] shallowest first -> (B, 1, H, W)."""
