@@ -61,6 +61,26 @@ def test_matches_float64_reference(backend, kind, height, width, n):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kind,height,width", [("cross", 2, 2), ("channel", 1, 270)])
+def test_matches_float64_reference_without_softplus_across_channel_blocks(kind, height, width, n):
+    """dt = delta + bias as given (no softplus), and 40 channels per direction: the CPU kernel's blocks of 32
+    channels end in a partial one, and its backward work items split the channels."""
+    orders = scan_orders(kind, height, width)
+    x = _inputs(3, 40, 4, n, height * width, torch.float64, 11)
+    x["delta"], x["delta_bias"] = x["delta"].abs() * 0.3, x["delta_bias"].abs() * 0.1  # dt > 0 without softplus
+    x = {k: v.requires_grad_() for k, v in x.items()}
+    out = directional_selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], orders, D=x["D"],
+                                     delta_bias=x["delta_bias"], delta_softplus=False, backend="cpu")
+    ref = _reference(x, orders, softplus=False)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    gout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, list(x.values()), gout)
+    want = torch.autograd.grad(ref, list(x.values()), gout)
+    for name, a, b in zip(x, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
+
+
 def test_float32_cpu_kernel_close_to_float64_and_bit_reproducible():
     orders = cross_scan_orders(12, 10)
     x64 = _inputs(2, 8, 4, 1, 120, torch.float64, 7)
