@@ -86,7 +86,7 @@ def test_typo_names_file_and_key_path(tmp_path):
         (lambda r: r["train"].__setitem__("epochs", 0), r"train\.epochs: must be >= 1, got 0"),
         (lambda r: r["train"].pop("seed"), r"train\.seed: missing key"),
         (lambda r: r["train"].__setitem__("global_batch_size", 20),
-         r"train\.global_batch_size: 20 is not a multiple of train\.per_device_batch_size 16"),
+         r"train\.global_batch_size: 20 is not a multiple of train\.per_device_batch_size 32"),
         (lambda r: r["evaluate"].__setitem__("protocol", "lavt"),
          r"evaluate\.protocol: 'lavt' is not one of original, input"),
         (lambda r: r["data"].__setitem__("mask_mode", "sum"), r"data\.mask_mode: 'sum' is not one of"),
