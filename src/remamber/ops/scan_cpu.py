@@ -619,17 +619,20 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 # (batch, nd*Du, L) and B, C (batch, nd, N, L) in map order; channel k*Du + d is channel d of direction
 # k; out (batch, Du, L) = sum over directions.
 #
-# The chunk buffers are step-major, (step, channel of the block): one step of DIR_LANES channels is a
+# The chunk buffers are step-major, (step, channel of the block): one step of a block's channels is a
 # contiguous vector, so the recurrence and every elementwise term run across channels. At d_state 1
 # (VMamba's, the paper's) a 2 x 2 or 3 x 3 map, 4 or 9 steps long, then costs about what a long
 # sequence does per element (the time-major layout paid per-row loop overhead there: 30 ns per element
 # at 4 steps against 5 at 144). Short loops with few arrays each: LLVM gives up vectorising a loop that
 # touches many arrays it cannot prove apart.
-DIR_LANES = 32  # channels per block of the directional kernels (at d_state N: DIR_LANES // N rows)
+DIR_LANES = 32  # channels (x states) per block of the directional kernels
+DIR_LANES_LONG = 16  # the same beyond DIR_LONG steps, where a block's rows no longer stay in cache
+DIR_LONG = 512  # (blocks of 32 at 1,024 and 4,096 steps: 1.05x and 1.1x the time of blocks of 16)
 
 
-def _dir_rows_per_block(n_state: int) -> int:
-    return max(1, DIR_LANES // n_state)
+def _dir_rows_per_block(n_state: int, length: int) -> int:
+    """Rows (channels) per block: a function of the shape only, so sums are bit-reproducible."""
+    return max(1, (DIR_LANES if length <= DIR_LONG else DIR_LANES_LONG) // n_state)
 
 
 @njit(inline="always", error_model="numpy")
@@ -948,7 +951,7 @@ class _DirScanCore(torch.autograd.Function):
         ckpt = torch.empty(batch, A.shape[0], -(-length // _chunk(length)), n, dtype=u.dtype)
         with _torch_threads():
             _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                       _chunk(length), _dir_rows_per_block(n), out.numpy(), ckpt.numpy())
+                       _chunk(length), _dir_rows_per_block(n, length), out.numpy(), ckpt.numpy())
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt)
         ctx.flags = (D is not None, delta_bias is not None, softplus)
         return out
@@ -960,7 +963,8 @@ class _DirScanCore(torch.autograd.Function):
         ct = uk.dtype
         batch, du_, length = uk.shape
         nd, n = ok.shape[0], Ak.shape[1]
-        slices = max(1, min(-(-du_ // _dir_rows_per_block(n)), -(-_TARGET_ITEMS // batch)))  # items of whole blocks
+        rows = _dir_rows_per_block(n, length)
+        slices = max(1, min(-(-du_ // rows), -(-_TARGET_ITEMS // batch)))  # items of whole blocks
         gout = gout.detach().to(ct).contiguous()
         du = torch.zeros_like(uk)
         ddelta = torch.empty_like(xk)
@@ -970,7 +974,7 @@ class _DirScanCore(torch.autograd.Function):
         dC_buf = torch.zeros(batch * slices, nd, n, length, dtype=ct)
         with _torch_threads():
             _dscan_bwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                       _chunk(length), _dir_rows_per_block(n), _np(ckpt), _np(gout), slices,
+                       _chunk(length), rows, _np(ckpt), _np(gout), slices,
                        du.numpy(), ddelta.numpy(), dA_part.numpy(), dD_part.numpy(), dB_buf.numpy(),
                        dC_buf.numpy())
         dB = dB_buf.reshape(batch, slices, nd, n, length).sum(1)
