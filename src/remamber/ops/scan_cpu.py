@@ -765,7 +765,6 @@ def _dscan_bwd(u, delta, A, B, C, D, bias, softplus, orders, K, R, ckpt, gout, s
             dCk = dC_buf[item, k]
             for d0 in range(d_lo, d_hi, R):
                 Rb = min(R, d_hi - d0)
-                lanes = Rb * N
                 ch0 = k * Du + d0
                 for r in range(Rb):
                     dd[r] = D[ch0 + r]
@@ -842,6 +841,7 @@ def _dscan_bwd(u, delta, A, B, C, D, bias, softplus, orders, K, R, ckpt, gout, s
                                 db_t[r] = gn_t[r] * (dt_t[r] * u_t[r])
                         for t in range(T):
                             bv = B[bi, k, 0, orders[k, l0 + t]]
+                            go_t = gob[t]
                             gn_t = gnb[t]
                             h0 = hs[t]
                             a_t = ab[t]
@@ -849,18 +849,11 @@ def _dscan_bwd(u, delta, A, B, C, D, bias, softplus, orders, K, R, ckpt, gout, s
                             u_t = ub[t]
                             sg_t = sgb[t]
                             dx_t = dxb[t]
+                            du_t = dub[t]
                             for r in range(Rb):
                                 q = gn_t[r] * h0[r] * a_t[r]  # dLoss / d(dt*A) through the decay
                                 dx_t[r] = (gn_t[r] * bv * u_t[r] + q * an[r]) * sg_t[r]
                                 dA_acc[r] += q * dt_t[r]
-                        for t in range(T):
-                            bv = B[bi, k, 0, orders[k, l0 + t]]
-                            go_t = gob[t]
-                            gn_t = gnb[t]
-                            dt_t = dtb[t]
-                            u_t = ub[t]
-                            du_t = dub[t]
-                            for r in range(Rb):
                                 du_t[r] = go_t[r] * dd[r] + gn_t[r] * dt_t[r] * bv
                                 dD_acc[r] += go_t[r] * u_t[r]
                     else:  # any d_state: lanes r * N + n
