@@ -2,7 +2,8 @@
 
 Default (CPU): one training step of the demo twister (the `model:` section of params/demo.yaml, its
 per-device batch, its two resolutions), one thread, with the text encoder trained and frozen
-(`TextEncoder.freeze()`: no gradients, eval mode, forward under no_grad, out of the optimizer). The step
+(`TextEncoder.freeze()`: no gradients, eval mode, forward under no_grad, out of the optimizer; and, as the
+engine does, `remember()` of the batch's sentences, so their features are read back, not encoded). The step
 is the engine's: forward, Dice+BCE loss, backward, gradient clipping, AdamW step, zero_grad, on a fixed
 random batch (data loading is not measured). Times are process CPU seconds (one thread: this is the
 step's compute even on a loaded machine), the median over --repeats steps after two warm-up steps.
@@ -92,7 +93,10 @@ def _demo_setup(resolution: int, frozen: bool, batch: int | None):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(b, 3, resolution, resolution, generator=g)
     masks = (torch.rand(b, 1, resolution, resolution, generator=g) > 0.7).float()
-    ids, am = model.tokenize([f"the red circle left of the blue square number {i}" for i in range(b)])
+    sentences = [f"the red circle left of the blue square number {i}" for i in range(b)]
+    ids, am = model.tokenize(sentences)
+    if frozen and hasattr(model.text_encoder, "remember"):  # as the engine: a frozen encoder's features kept
+        model.text_encoder.remember(sentences)
     return model, optimizer, params, images, masks, ids, am, cfg.train
 
 

@@ -2,6 +2,8 @@
 
 import math
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -370,3 +372,16 @@ def test_cosine_schedule_lr_per_epoch_by_hand(lagged, want):
     opt2 = torch.optim.AdamW(optimizer_groups(model, _train_cfg(), True))
     CosineEpochSchedule(opt2, 1e-5, 4, lagged=lagged).load_state_dict(sched.state_dict())
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+
+def test_seed_everything_switches_deterministic_algorithms_on_without_importing_inductor():
+    """deterministic: torch's deterministic-algorithms switch on (warn-only, for CUDA kernels without a
+    deterministic version), set without importing torch._inductor (1.5 s a process); in a fresh process."""
+    code = ("import sys, torch\n"
+            "from remamber.engine.distributed import seed_everything\n"
+            "assert not torch.are_deterministic_algorithms_enabled()\n"
+            "seed_everything(0, True)\n"
+            "print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),"
+            " 'torch._inductor.config' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "False"]

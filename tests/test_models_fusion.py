@@ -221,19 +221,23 @@ def test_decoders_reach_the_input_size(kind, size):
         build_decoder("mlp", dims)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (5, 3), (24, 24)])
-def test_logit_head_is_a_3x3_convolution_to_one_channel(size):
-    """The head's tap-sum form against torch's direct convolution in float64: output and every gradient."""
+@pytest.mark.parametrize("size, out_size", [((1, 1), None), ((5, 3), None), ((24, 24), None),
+                                             ((12, 12), (24, 24)), ((5, 3), (9, 6)), ((3, 3), (1, 2))])
+def test_logit_head_is_a_3x3_convolution_to_one_channel(size, out_size):
+    """The head's tap-sum form against torch's direct convolution in float64, of the input bilinearly
+    resized first when out_size is given (the head resizes its 9 partial maps instead): output and every
+    gradient."""
     torch.manual_seed(0)
     head = LogitHead(6)
     x = torch.randn(2, 6, *size, dtype=torch.float64, requires_grad=True)
     weight = head.weight.detach().double().requires_grad_()
     bias = head.bias.detach().double().requires_grad_()
-    want = F.conv2d(x, weight, bias, padding=1)
+    resized = x if out_size is None else F.interpolate(x, size=out_size, mode="bilinear", align_corners=True)
+    want = F.conv2d(resized, weight, bias, padding=1)
     g = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, [x, weight, bias], g)
     head = head.double()
-    got = head(x)
+    got = head(x, out_size)
     got_grads = torch.autograd.grad(got, [x, head.weight, head.bias], g)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     for a, b in zip(got_grads, want_grads):

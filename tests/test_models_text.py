@@ -139,3 +139,36 @@ def test_tokenize_rejects_a_bare_string():
     enc = build_text_encoder("tiny-random-bert")
     with pytest.raises(TypeError, match="list of strings"):
         enc.tokenize("a string")
+
+
+@pytest.mark.parametrize("name", ["tiny-random-bert", "minilm-l6"])  # pooler and mean pooling
+def test_frozen_encoder_remembers_sentences_and_encodes_the_rest(name):
+    """remember(): remembered sentences are answered from the features encoded then (the weights changed
+    afterwards in place show it), the others are encoded now, the mix keeps the batch order; loading
+    weights forgets; a trained encoder refuses."""
+    enc = build_text_encoder(name, text_layers=2 if name == "minilm-l6" else None, max_text_len=12)
+    with pytest.raises(RuntimeError, match="frozen"):
+        enc.remember(["a cat"])
+    enc.freeze()
+    known = ["the red cat on the left", "a dog", "man in a blue shirt", "a dog"]  # a repeat: kept once
+    ids, mask = enc.tokenize(known[:3])
+    before = enc(ids, mask)
+    assert enc.remember(known, batch_size=2) == 3
+    for a, b in zip(enc(ids, mask), before):  # sorted, in batches of 2: the same features up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        enc.model.embeddings.word_embeddings.weight.mul_(2.0)  # in place: no load, nothing forgotten
+    mixed = ["man in a blue shirt", "a new sentence", "the red cat on the left"]
+    ids_m, mask_m = enc.tokenize(mixed)
+    tokens, pooled = enc(ids_m, mask_m)
+    memo_tokens, _ = enc(ids, mask)
+    assert torch.equal(tokens[0], memo_tokens[2]) and torch.equal(tokens[2], memo_tokens[0])
+    enc.forget()
+    fresh_tokens, fresh_pooled = enc(ids_m, mask_m)  # the doubled embeddings, encoded now (a batch of 3,
+    torch.testing.assert_close(tokens[1], fresh_tokens[1], rtol=1e-4, atol=1e-5)  # not 1: rounding)
+    torch.testing.assert_close(pooled[1], fresh_pooled[1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(tokens[0], fresh_tokens[0])
+    enc.remember(known)
+    enc.load_state_dict(enc.state_dict())
+    assert not enc._memo
+    assert enc.remember(known, max_bytes=10) == 0 and not enc._memo  # too large: nothing kept

@@ -98,6 +98,13 @@ class RefSegDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def sentences(self) -> list[str]:
+        """Every sentence an item can read (train: all of each object's; eval: each item's own; the
+        shuffled control reads the same set), in index order, repeats kept."""
+        return [sentence for obj_i, sent_j in self._items
+                for sentence in (self._objects[obj_i]["sentences"] if sent_j < 0
+                                 else [self._objects[obj_i]["sentences"][sent_j]])]
+
     def sentence_index(self, index: int) -> int:
         """The sentence drawn for item `index` in the current epoch (train) or the item's own (eval)."""
         obj_i, sent_j = self._items[index]

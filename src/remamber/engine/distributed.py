@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
@@ -168,7 +169,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         # warn_only: a few CUDA kernels (e.g. bilinear upsampling backward) have no deterministic version.
+        _deterministic_algorithms()
+
+
+def _deterministic_algorithms() -> None:
+    """torch.use_deterministic_algorithms(True, warn_only=True), less its import of torch._inductor's config
+    (1.5 s of every training process; it sets inductor's flag, which only torch.compile reads, and we
+    do not compile). Where inductor is loaded already, or torch lacks the switch, the public call."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 def rng_state() -> dict[str, Any]:

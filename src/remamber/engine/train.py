@@ -235,6 +235,10 @@ def _set_up(cfg: ExperimentConfig, dataset: str, variant: str, resolution: int, 
     if tc.freeze_text_encoder:
         model.text_encoder.freeze()  # before the optimizer is built: its parameters stay out of it
     frozen = frozen_reference(model)  # hashed once; every checkpoint references it
+    if tc.freeze_text_encoder:  # a fixed function of the sentence: encode each one once, not once per epoch
+        kept = model.text_encoder.remember(train_ds.sentences() + val_ds.sentences())
+        _log(info, f"[train] frozen text encoder: {kept} distinct sentences encoded once" if kept else
+                   "[train] frozen text encoder: too many sentences to keep their features; encoded per batch")
     if info.is_main:
         report_long_sentences(model, index_dir, ["train", "val"])  # a warning with the count, not silence
     optimizer = build_optimizer(model, tc, model_cfg.pretrained_backbone is not None)
