@@ -193,3 +193,41 @@ def test_twister_stage_gradients_same_with_and_without_the_fused_scan(monkeypatc
     assert sum(g is not None for g in fused_grads) == len(leaves)
     for a, b in zip(fused_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_scan_tape_replays_the_backward_without_the_forward_kernel(backend, monkeypatch):
+    """ScanTape: a first call fills it (cpu: the chunk start states); a second call with the filled tape runs
+    no forward kernel, returns zeros, and its backward gives the first call's gradients exactly (float64,
+    600 steps: three chunks). The torch backend ignores the tape. A tape of another shape is refused."""
+    import remamber.ops.scan_cpu as scan_cpu
+    from remamber.ops import ScanTape
+
+    orders = scan_orders("cross", 20, 30)
+    x = _inputs(2, 3, 4, 1, 600, torch.float64, 3)
+    g = torch.randn(2, 3, 600, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(tape):
+        leaves = {k: v.clone().requires_grad_() for k, v in x.items()}
+        out = directional_selective_scan(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], orders,
+                                         D=leaves["D"], delta_bias=leaves["delta_bias"], delta_softplus=True,
+                                         backend=backend, tape=tape)
+        return out, torch.autograd.grad(out, list(leaves.values()), g)
+
+    tape = ScanTape()
+    first, first_grads = run(tape)
+    torch.testing.assert_close(first, _reference(x, orders), rtol=0, atol=1e-10)
+    calls = []
+    real = scan_cpu._dscan_fwd
+    monkeypatch.setattr(scan_cpu, "_dscan_fwd", lambda *a: calls.append(1) or real(*a))
+    replay, replay_grads = run(tape)
+    if backend == "cpu":
+        assert tuple(tape.states.shape) == (2, 12, 3, 1) and not calls and not replay.any()
+        with pytest.raises(ValueError, match="ScanTape: states"):
+            bad = ScanTape()
+            bad.states = tape.states[:1]
+            run(bad)
+    else:
+        assert tape.states is None and torch.equal(replay, first)
+    for a, b in zip(replay_grads, first_grads):
+        assert torch.equal(a, b)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from remamber.ops import directional_selective_scan, selective_scan
+from remamber.ops import ScanTape, directional_selective_scan, selective_scan
 
 __all__ = ["add_ssm_parameters", "directional_scan", "scan_in_orders", "scan_in_orders_lean", "resolve_dt_rank"]
 
@@ -126,9 +126,10 @@ def _project(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(u.shape[0], -1, -1), u)
 
 
-def _lean_piece(u_c, x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1):
+def _lean_piece(u_c, x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1, tape):
     """Direction k's scan of channels c0:c1 (u_c = u[:, c0:c1] of u (B, D, L)) -> (B, c1 - c0, L) in the
-    compute dtype. x_dbl: direction k's (B, R + 2N, L) = x_proj_weight[k] @ u; the others: module parameters."""
+    compute dtype. x_dbl: direction k's (B, R + 2N, L) = x_proj_weight[k] @ u; the others: module parameters;
+    tape: the piece's ScanTape (filled in forward, replayed in backward)."""
     d = dtw.shape[1]
     n = a_logs.shape[1]
     r = dtw.shape[2]
@@ -137,14 +138,16 @@ def _lean_piece(u_c, x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1):
     lo, hi = k * d + c0, k * d + c1
     return directional_selective_scan(
         u_c, delta, -torch.exp(a_logs[lo:hi].float()), bs[:, None].contiguous(), cs[:, None].contiguous(),
-        orders[k:k + 1], D=ds[lo:hi].float(), delta_bias=dtb[k, c0:c1].float(), delta_softplus=True,
+        orders[k:k + 1], D=ds[lo:hi].float(), delta_bias=dtb[k, c0:c1].float(), delta_softplus=True, tape=tape,
     )
 
 
 class _LeanScan(torch.autograd.Function):
     """`scan_in_orders` keeping only u and the parameters for backward: the backward recomputes x_proj,
     dt_proj and each scan piece (one direction, a few channels) and runs that piece's backward at once,
-    so at most one piece's delta and scan state exist at a time."""
+    so at most one piece's delta and scan state exist at a time. Each piece's ScanTape keeps the scan's
+    chunk start states (L/256 values per channel on CPU), so the backward replays the scan without
+    running its forward kernel again."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward recomputes under the forward's autocast state
@@ -153,10 +156,12 @@ class _LeanScan(torch.autograd.Function):
         k_dirs = orders.shape[0]
         chunks = _lean_chunks(b, d, length)  # (larger pieces here were no faster and left glibc's heap larger)
         y = None
+        ctx.tapes = {}
         for k in range(k_dirs):
             x_dbl = _project(xw[k], u)  # (B, R + 2N, L)
             for c0, c1 in chunks:
-                piece = _lean_piece(u[:, c0:c1], x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1)
+                tape = ctx.tapes[k, c0] = ScanTape()
+                piece = _lean_piece(u[:, c0:c1], x_dbl, dtw, dtb, a_logs, ds, orders, k, c0, c1, tape)
                 if y is None:
                     y = u.new_zeros((b, d, length), dtype=piece.dtype)
                 y[:, c0:c1] += piece
@@ -180,7 +185,7 @@ class _LeanScan(torch.autograd.Function):
                 with torch.enable_grad():
                     dbl = x_dbl.detach().requires_grad_()
                     u_c = u[:, c0:c1].detach().requires_grad_()
-                    piece = _lean_piece(u_c, dbl, *params, orders, k, c0, c1)
+                    piece = _lean_piece(u_c, dbl, *params, orders, k, c0, c1, ctx.tapes[k, c0])
                     g_u, g_dbl_c, g_dtw, g_dtb, g_a, g_ds = torch.autograd.grad(
                         piece, [u_c, dbl, *params], gy[:, c0:c1].to(piece.dtype))
                 du[:, c0:c1] += g_u

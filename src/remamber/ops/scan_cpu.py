@@ -931,7 +931,7 @@ class _DirScanCore(torch.autograd.Function):
     order; one compute dtype; D and delta_bias may be None."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, orders, softplus):
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, orders, softplus, tape=None):
         batch, du_, length = u.shape
         n = A.shape[1]
         zeros = torch.zeros(A.shape[0], dtype=u.dtype)
@@ -940,11 +940,20 @@ class _DirScanCore(torch.autograd.Function):
         uk, xk, Ak = u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous()
         Bk, Ck = B.detach().contiguous(), C.detach().contiguous()
         ok = orders.contiguous()
-        out = torch.empty(batch, du_, length, dtype=u.dtype)
-        ckpt = torch.empty(batch, A.shape[0], -(-length // _chunk(length)), n, dtype=u.dtype)
-        with _torch_threads():
-            _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
-                       _chunk(length), _dir_rows_per_block(n, length), out.numpy(), ckpt.numpy())
+        ckpt_shape = (batch, A.shape[0], -(-length // _chunk(length)), n)
+        if tape is not None and tape.states is not None:  # a replay (ScanTape): backward only
+            if tuple(tape.states.shape) != ckpt_shape or tape.states.dtype != u.dtype:
+                raise ValueError(f"ScanTape: states {tuple(tape.states.shape)} {tape.states.dtype} do not belong to "
+                                 f"this scan ({ckpt_shape} {u.dtype})")
+            out, ckpt = torch.zeros(batch, du_, length, dtype=u.dtype), tape.states
+        else:
+            out = torch.empty(batch, du_, length, dtype=u.dtype)
+            ckpt = torch.empty(ckpt_shape, dtype=u.dtype)
+            with _torch_threads():
+                _dscan_fwd(_np(uk), _np(xk), _np(Ak), _np(Bk), _np(Ck), _np(Dk), _np(bk), softplus, ok.numpy(),
+                           _chunk(length), _dir_rows_per_block(n, length), out.numpy(), ckpt.numpy())
+            if tape is not None:
+                tape.states = ckpt
         ctx.save_for_backward(uk, xk, Ak, Bk, Ck, Dk, bk, ok, ckpt)
         ctx.flags = (D is not None, delta_bias is not None, softplus)
         return out
@@ -974,13 +983,13 @@ class _DirScanCore(torch.autograd.Function):
         dC = dC_buf.reshape(batch, slices, nd, n, length).sum(1)
         dD = dD_part.sum(0) if has_D else None
         dbias = ddelta.sum((0, 2)) if has_bias else None
-        return du, ddelta, dA_part.sum(0), dB, dC, dD, dbias, None, None
+        return du, ddelta, dA_part.sum(0), dB, dC, dD, dbias, None, None, None
 
 
-def directional_scan_cpu(u, delta, A, B, C, orders, D=None, delta_bias=None, delta_softplus=False):
+def directional_scan_cpu(u, delta, A, B, C, orders, D=None, delta_bias=None, delta_softplus=False, tape=None):
     """Directional selective scan with the numba kernels (arguments validated by the caller); returns
     (batch, Du, L) in the compute dtype (fp32, or fp64 for fp64 inputs)."""
     ct = compute_dtype(u.dtype)
     cast = lambda t: None if t is None else t.to(ct)  # noqa: E731
     return _DirScanCore.apply(cast(u), cast(delta), cast(A), cast(B), cast(C), cast(D), cast(delta_bias),
-                              orders, bool(delta_softplus))
+                              orders, bool(delta_softplus), tape)

@@ -11,7 +11,23 @@ import torch
 
 from .scan_torch import compute_dtype, selective_scan_torch
 
-__all__ = ["selective_scan", "directional_selective_scan", "available_backends", "KNOWN_BACKENDS"]
+__all__ = ["selective_scan", "directional_selective_scan", "ScanTape", "available_backends", "KNOWN_BACKENDS"]
+
+
+class ScanTape:
+    """What a directional scan's backward needs besides its inputs, kept by a first call for a second.
+
+    For callers that recompute in backward (`remamber.models.ssm.scan_in_orders_lean`): a forward call
+    with an empty tape fills it (the "cpu" backend: its chunk start states, L/256 values per channel);
+    a second call with the same inputs and the filled tape then skips the forward kernel (its returned
+    value is zeros: only its graph is meant to be used) and its backward reads the kept states. The
+    other backends ignore the tape and compute as usual.
+    """
+
+    __slots__ = ("states",)
+
+    def __init__(self) -> None:
+        self.states: torch.Tensor | None = None
 
 KNOWN_BACKENDS = ("auto", "torch", "cpu", "mamba_ssm")
 CUDA_INSTALL_HINT = (
@@ -177,6 +193,7 @@ def directional_selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     backend: str = "auto",
+    tape: ScanTape | None = None,
 ) -> torch.Tensor:
     """nd selective scans of one input in nd orders, summed back in map order (a fused cross-scan).
 
@@ -188,7 +205,7 @@ def directional_selective_scan(
     nd*Du channels, and summing the outputs scattered back to map order; but the "cpu" backend does the
     gather and scatter inside its kernel, so no re-ordered copies are made or kept for backward.
     Returns (batch, Du, L) in the compute dtype (fp32; fp64 for fp64 inputs): the directions are
-    summed in fp32, as VMamba does.
+    summed in fp32, as VMamba does. `tape`: see `ScanTape`.
     """
     if not isinstance(orders, torch.Tensor) or orders.dim() != 2 or orders.dtype != torch.int64:
         got = tuple(orders.shape) if isinstance(orders, torch.Tensor) else type(orders).__name__
@@ -212,7 +229,7 @@ def directional_selective_scan(
     if name == "cpu":
         from .scan_cpu import directional_scan_cpu
 
-        return directional_scan_cpu(u, delta, A, B, C, orders, D, delta_bias, delta_softplus)
+        return directional_scan_cpu(u, delta, A, B, C, orders, D, delta_bias, delta_softplus, tape)
     ct = compute_dtype(u.dtype)
     n = A.shape[1]
     idx = orders[None, :, None, :]
